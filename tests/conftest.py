@@ -1,0 +1,36 @@
+"""Test tiers and shared fixtures.
+
+- default: tiny-config unit and parity tests (seconds each);
+- `official`: the real SD2-depth architecture sizes (random weights), slower; CI runs them too;
+- `gpu`: needs CUDA, skipped without it (the same parity checks on the accelerator).
+
+Checkpoints are built by `tests/factory.py` once per session (or once per `MINIDEPTH_TEST_CACHE` folder).
+"""
+
+import shutil
+
+import pytest
+import torch
+
+import factory
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # The per-session cache holds several GB at the official size: remove it unless the user chose a folder.
+    if factory._SESSION_DIR is not None:
+        shutil.rmtree(factory._SESSION_DIR, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint():
+    """A complete tiny random-weight checkpoint folder in the hub layout."""
+    return factory.cached_checkpoint("tiny")
