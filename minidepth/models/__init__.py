@@ -1,0 +1,1 @@
+"""Neural network components: attention, UNet, autoencoder, text encoder, depth estimator."""
