@@ -19,12 +19,12 @@ Use `set_attention_backend(model, ...)` to switch every layer of a model at once
 
 Research hook. Each layer may hold a `processor`, a callable
 
-    processor(attn: Attention, q, k, v, **cross_attention_kwargs) -> out        # q: (B h L d), k, v: (B h S d) -> (B h L d)
+    processor(attn: Attention, q, k, v, **cross_attention_kwargs) -> out    # q (B h L d), k v (B h S d) -> (B h L d)
 
 that replaces the product (it can call `attn.attend(q, k, v)` for the configured backend, or `attention_probs(q, k)` to
-see the weights). It receives the `cross_attention_kwargs` dict given to the UNet's forward. Each layer knows its dotted
-`name` inside the model and whether it `is_cross_attention`, so `set_attention_processor(model, fn, filter=...)` can pick
-layers. `CaptureAttentionMaps` is a ready-made processor that records the attention probabilities.
+see the weights). It receives the `cross_attention_kwargs` dict given to the UNet's forward. Each layer knows its
+dotted `name` inside the model and whether it `is_cross_attention`, so `set_attention_processor(model, fn, filter=...)`
+can pick layers. `CaptureAttentionMaps` is a ready-made processor that records the attention probabilities.
 
 Shapes: B batch, L query tokens, S context tokens, D model width, h heads, d head size.
 """
@@ -91,7 +91,8 @@ class Attention(nn.Module):
     """Multi-head (self- or cross-) attention.  x: (B, L, D), context: (B, S, Dc) -> (B, L, D).
 
     query_dim D, heads h, head_dim d (inner width h*d), context_dim Dc (None: self-attention, context = x).
-    `to_q/to_k/to_v` have a bias only when `qkv_bias` (the UNet's have none, the VAE's have one); `to_out` always has one.
+    `to_q/to_k/to_v` have a bias only when `qkv_bias` (the UNet's have none, the VAE's have one); `to_out` always
+    has one.
     """
 
     def __init__(self, query_dim: int, heads: int, head_dim: int, context_dim: int | None = None,

@@ -47,8 +47,8 @@ class ResnetBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Halve H and W with a stride-2 3x3 conv, zero padding 1 on every side: (B, C, H, W) -> (B, C, ceil(H/2), ceil(W/2)).
-    (The VAE pads asymmetrically instead; it has its own.)"""
+    """Halve H and W with a stride-2 3x3 conv, zero padding 1 on every side:
+    (B, C, H, W) -> (B, C, ceil(H/2), ceil(W/2)). (The VAE pads asymmetrically instead; it has its own.)"""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -62,9 +62,9 @@ class Upsample(nn.Module):
     """Nearest-neighbour upsampling then a 3x3 conv: (B, C, H, W) -> (B, C, *size).
 
     `size=None` doubles H and W. The UNet passes the spatial size of the skip connection it is about to concatenate, so
-    odd sizes round-trip (9 -> 5 -> 9). For an exact doubling both give identical results: nearest interpolation to size
-    2H picks source row floor(i * H / 2H) = floor(i / 2), the same rows as scale_factor=2 (diffusers passes the size only
-    when a side is not a multiple of 2**num_upsamplers).
+    odd sizes round-trip (9 -> 5 -> 9). For an exact doubling both give identical results: nearest interpolation to
+    size 2H picks source row floor(i * H / 2H) = floor(i / 2), the same rows as scale_factor=2 (diffusers passes the
+    size only when a side is not a multiple of 2**num_upsamplers).
     """
 
     def __init__(self, channels: int):
@@ -129,7 +129,8 @@ class TransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """Attention over the pixels of a feature map, conditioned on text (diffusers' Transformer2DModel, continuous input):
+    """Attention over the pixels of a feature map, conditioned on text (diffusers' Transformer2DModel, continuous
+    input):
 
         GroupNorm -> proj_in -> TransformerBlock x depth -> proj_out, plus the residual input.
     `linear_projection=True` (SD2): proj_in/out are Linear layers applied to tokens; False (SD1): 1x1 convs applied

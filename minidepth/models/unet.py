@@ -125,8 +125,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, 
 
     freq_i = exp(-ln(max_period) * i / (dim/2 - freq_shift)),  emb = [sin(t freq), cos(t freq)].
     Two conventions exist: DDPM's code and diffusers' default give [sin, cos]; LDM / Stable Diffusion give [cos, sin],
-    which is `flip_sin_to_cos=True` (what the SD2 checkpoint was trained with). Always computed in float32, like diffusers,
-    so fp16 models see the same embedding; the caller casts it to the model's dtype.
+    which is `flip_sin_to_cos=True` (what the SD2 checkpoint was trained with). Always computed in float32, like
+    diffusers, so fp16 models see the same embedding; the caller casts it to the model's dtype.
     """
     half = dim // 2
     exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift)
@@ -219,7 +219,8 @@ def _transformer(cfg: UNetConfig, ch: int, heads: int) -> SpatialTransformer:
 
 # ------------------------------------------------------------------------------------------------ the UNet
 class UNet(nn.Module):
-    """sample (B, in_channels, H, W), timestep, encoder_hidden_states (B, S, Dc) -> noise prediction (B, out_channels, H, W)."""
+    """sample (B, in_channels, H, W), timestep, encoder_hidden_states (B, S, Dc)
+    -> noise prediction (B, out_channels, H, W)."""
 
     def __init__(self, cfg: UNetConfig = UNetConfig()):
         super().__init__()
@@ -287,8 +288,8 @@ class UNet(nn.Module):
         cfg = self.config
         if not isinstance(sample, torch.Tensor) or sample.ndim != 4 or sample.shape[1] != cfg.in_channels:
             got = tuple(sample.shape) if isinstance(sample, torch.Tensor) else type(sample).__name__
-            raise ValueError(f"sample must be a (B, {cfg.in_channels}, H, W) tensor (4 latent channels + 1 depth "
-                             f"channel), got {got}")
+            raise ValueError(f"sample must be a (B, {cfg.in_channels}, H, W) tensor (SD2-depth: 4 latent channels "
+                             f"+ 1 depth channel), got {got}")
         if not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[-1] != cfg.cross_attention_dim:
             got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
             raise ValueError(f"encoder_hidden_states must be a (B, S, {cfg.cross_attention_dim}) tensor, got {got}")
@@ -323,7 +324,7 @@ class UNet(nn.Module):
 
 
 def _timesteps(timestep, batch: int, device: torch.device) -> torch.Tensor:
-    """Any accepted timestep -> a (B,) tensor on `device` (ints as int64, floats as float64, like diffusers on CPU/CUDA)."""
+    """Any accepted timestep -> a (B,) tensor on `device` (ints as int64, floats as float64, like diffusers)."""
     if isinstance(timestep, torch.Tensor):
         if timestep.ndim > 1 or (timestep.ndim == 1 and timestep.shape[0] not in (1, batch)):
             raise ValueError(f"timestep tensor must be 0-d, (1,) or (B,)=({batch},), got shape {tuple(timestep.shape)}")
@@ -369,7 +370,7 @@ def ldm_keymap(cfg: UNetConfig, prefix: str = "model.diffusion_model.") -> KeyMa
 
     LDM numbers all encoder stages in one list `input_blocks` (0 = conv_in; then per level `layers` blocks of
     [ResBlock, SpatialTransformer] and one [Downsample `op`]) and all decoder stages in `output_blocks` (per level
-    `layers + 1` blocks [ResBlock, SpatialTransformer?, Upsample?]); `middle_block` is [ResBlock, transformer, ResBlock].
+    `layers + 1` blocks [ResBlock, SpatialTransformer?, Upsample?]); `middle_block` = [ResBlock, transformer, ResBlock].
     The indices depend on layers_per_block (n = layers + 1 blocks per level), hence a function of the config.
     """
     n, p = cfg.layers_per_block + 1, prefix
@@ -381,7 +382,8 @@ def ldm_keymap(cfg: UNetConfig, prefix: str = "model.diffusion_model.") -> KeyMa
              Rule("down_blocks.{i}.downsample.conv.{rest}", p + f"input_blocks.{{{n}*i+{n}}}.0.op.{{rest}}")]
     for i, cross in enumerate(reversed(cfg.cross_attention[1:])):  # up blocks 0..n-2 end in an Upsample
         slot = 2 if cross else 1  # after [ResBlock, SpatialTransformer] or after [ResBlock]
-        rules.append(Rule(f"up_blocks.{i}.upsample.conv.{{rest}}", p + f"output_blocks.{n * i + n - 1}.{slot}.conv.{{rest}}"))
+        rules.append(Rule(f"up_blocks.{i}.upsample.conv.{{rest}}",
+                          p + f"output_blocks.{n * i + n - 1}.{slot}.conv.{{rest}}"))
     rules += _rules("down_blocks.{i}.resnets.{j}", p + f"input_blocks.{{{n}*i+j+1}}.0", _RESNET_LDM)
     rules += _rules("down_blocks.{i}.attentions.{j}", p + f"input_blocks.{{{n}*i+j+1}}.1", _TRANSFORMER)
     rules += _rules("mid_block.resnets.{j}", p + "middle_block.{2*j}", _RESNET_LDM)
