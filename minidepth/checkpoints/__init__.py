@@ -2,7 +2,7 @@
 
 from .keymap import IDENTITY, KeyMap, Rule, prefixed
 from .loader import (CheckpointError, TensorFile, build_on_meta, export_state_dict, find_weights, load_weights,
-                     mapped_state_dict, read_json)
+                     mapped_state_dict, read_json, save_component)
 
 __all__ = ["IDENTITY", "KeyMap", "Rule", "prefixed", "CheckpointError", "TensorFile", "build_on_meta",
-           "export_state_dict", "find_weights", "load_weights", "mapped_state_dict", "read_json"]
+           "export_state_dict", "find_weights", "load_weights", "mapped_state_dict", "read_json", "save_component"]

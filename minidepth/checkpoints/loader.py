@@ -206,3 +206,14 @@ def export_state_dict(model: nn.Module, keymap: KeyMap) -> dict[str, torch.Tenso
         for source, tensor in zip(sources, rule.to_checkpoint(value)):
             out[source] = tensor.contiguous()
     return out
+
+
+def save_component(folder: str | os.PathLike, config: dict, model: nn.Module, keymap: KeyMap,
+                   weights_name: str) -> Path:
+    """Write `config.json` and `<weights_name>` (safetensors, under the checkpoint's names via `keymap`)."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(export_state_dict(model, keymap), str(folder / weights_name), metadata={"format": "pt"})
+    return folder

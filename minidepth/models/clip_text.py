@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ..checkpoints import (KeyMap, Rule, TensorFile, build_on_meta, export_state_dict, find_weights, load_weights,
-                           read_json)
+from ..checkpoints import (KeyMap, Rule, TensorFile, build_on_meta, find_weights, load_weights,
+                           read_json, save_component)
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -217,14 +217,7 @@ class CLIPTextModel(nn.Module):
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write config.json + model.safetensors under the hub's transformers names (`text_model.*`)."""
-        import json
-
-        from safetensors.torch import save_file
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        save_file(export_state_dict(self, TRANSFORMERS_KEYS), str(folder / "model.safetensors"),
-                  metadata={"format": "pt"})
+        save_component(folder, self.config.to_dict(), self, TRANSFORMERS_KEYS, "model.safetensors")
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

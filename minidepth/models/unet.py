@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoints.keymap import KeyMap, Rule
-from ..checkpoints.loader import build_on_meta, find_weights, load_weights, read_json
+from ..checkpoints.loader import build_on_meta, find_weights, load_weights, read_json, save_component
 from .attention import name_attention_layers
 from .blocks import Downsample, ResnetBlock, SpatialTransformer, Upsample
 
@@ -116,6 +116,18 @@ class UNetConfig:
                    cross_attention_dim=d["cross_attention_dim"], norm_num_groups=d.get("norm_num_groups", 32),
                    norm_eps=d.get("norm_eps", 1e-5), use_linear_projection=d.get("use_linear_projection", False),
                    flip_sin_to_cos=d.get("flip_sin_to_cos", True), freq_shift=d.get("freq_shift", 0))
+
+    def to_dict(self) -> dict:
+        """diffusers' `unet/config.json` for this model (what `from_dict` reads back; diffusers loads it too)."""
+        down = ["CrossAttnDownBlock2D" if x else "DownBlock2D" for x in self.cross_attention]
+        up = ["CrossAttnUpBlock2D" if x else "UpBlock2D" for x in reversed(self.cross_attention)]
+        return {"_class_name": "UNet2DConditionModel", **self._FIXED, "in_channels": self.in_channels,
+                "out_channels": self.out_channels, "block_out_channels": list(self.block_out_channels),
+                "attention_head_dim": list(self.attention_heads), "down_block_types": down, "up_block_types": up,
+                "layers_per_block": self.layers_per_block, "transformer_layers_per_block": self.transformer_depth,
+                "cross_attention_dim": self.cross_attention_dim, "norm_num_groups": self.norm_num_groups,
+                "norm_eps": self.norm_eps, "use_linear_projection": self.use_linear_projection,
+                "flip_sin_to_cos": self.flip_sin_to_cos, "freq_shift": self.freq_shift}
 
 
 # ------------------------------------------------------------------------------------------------ time embedding
@@ -311,6 +323,10 @@ class UNet(nn.Module):
         load_weights(model, find_weights(folder, ("diffusion_pytorch_model",), variant), DIFFUSERS_KEYS,
                      dtype=dtype, device=device)
         return model.eval()
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write a diffusers `unet/` folder (config.json + diffusion_pytorch_model.safetensors)."""
+        save_component(folder, self.config.to_dict(), self, DIFFUSERS_KEYS, "diffusion_pytorch_model.safetensors")
 
     @classmethod
     def from_single_file(cls, path: str | os.PathLike, config: UNetConfig | None = None, *,
