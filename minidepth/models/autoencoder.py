@@ -153,9 +153,10 @@ class SpatialSelfAttention(Attention):
         B, C, H, W = x.shape
         tokens = rearrange(self.group_norm(x), "B C H W -> B (H W) C")
         out = super().forward(tokens, cross_attention_kwargs=cross_attention_kwargs)  # (B, H*W, C)
-        # out first: the sum then keeps out's channels-last memory layout, as in diffusers, so the next convolutions
-        # pick the same kernels and the numbers agree bit for bit
-        return rearrange(out, "B (H W) C -> B C H W", H=H, W=W) + x
+        # Back to (B, C, H, W) as diffusers does it (transpose then reshape, `out` first in the sum): the result then
+        # has diffusers' memory layout (strides), so the next GroupNorm and convolutions pick the same kernels and the
+        # numbers agree bit for bit. (einops' rearrange gives equal values with other strides, off by ~1e-6.)
+        return out.transpose(1, 2).reshape(B, C, H, W) + x
 
 
 class MidBlock(nn.Module):
