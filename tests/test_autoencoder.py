@@ -281,6 +281,8 @@ def test_config_from_dict():
     official = AutoencoderKLConfig.from_dict(vae_config("official"))
     assert official == AutoencoderKLConfig.sd2_depth()
     assert official.scaling_factor == 0.18215  # absent from SD2-depth's config.json
+    tiny = AutoencoderKLConfig.from_dict(vae_config("tiny"))
+    assert AutoencoderKLConfig.from_dict(tiny.to_dict()) == tiny
     assert AutoencoderKLConfig.from_dict({**vae_config("official"), "scaling_factor": 0.13025}).scaling_factor == 0.13025
     with pytest.raises(ValueError, match="down_block_types"):
         AutoencoderKLConfig.from_dict({**vae_config("official"), "down_block_types": ["DownBlock2D"] * 4})

@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ..checkpoints import (IDENTITY, KeyMap, Rule, TensorFile, build_on_meta, export_state_dict, find_weights,
-                           mapped_state_dict, prefixed, read_json)
+from ..checkpoints import (IDENTITY, KeyMap, Rule, TensorFile, build_on_meta, find_weights, mapped_state_dict,
+                           prefixed, read_json)
+from ..checkpoints.loader import save_component
 from .attention import Attention
 from .autoencoder_tiling import tiled_decode, tiled_encode
 from .blocks import ResnetBlock, Upsample
@@ -83,6 +84,13 @@ class AutoencoderKLConfig:
         if d.get("scaling_factor") is None:
             d.pop("scaling_factor", None)
         return cls(**d)
+
+    def to_dict(self) -> dict:
+        """diffusers' `vae/config.json` for this model (what `from_dict` reads back; diffusers loads it too)."""
+        n = len(self.block_out_channels)
+        return {"_class_name": "AutoencoderKL", **dataclasses.asdict(self), "act_fn": "silu",
+                "block_out_channels": list(self.block_out_channels),
+                "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n}
 
 
 # ------------------------------------------------------------------------------------------------ posterior
@@ -363,17 +371,7 @@ class AutoencoderKL(nn.Module):
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write a diffusers `vae/` folder (current attention names); diffusers' AutoencoderKL loads it."""
-        import json
-
-        from safetensors.torch import save_file
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        config = {"_class_name": "AutoencoderKL", **dataclasses.asdict(self.config), "act_fn": "silu",
-                  "down_block_types": ["DownEncoderBlock2D"] * len(self.config.block_out_channels),
-                  "up_block_types": ["UpDecoderBlock2D"] * len(self.config.block_out_channels)}
-        (folder / "config.json").write_text(json.dumps(config, indent=2))
-        save_file(export_state_dict(self, DIFFUSERS_KEYS), str(folder / "diffusion_pytorch_model.safetensors"),
-                  metadata={"format": "pt"})
+        save_component(folder, self.config.to_dict(), self, DIFFUSERS_KEYS, "diffusion_pytorch_model.safetensors")
 
 
 def _check_batch(t, name: str, channels: int, what: str) -> None:
