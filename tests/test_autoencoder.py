@@ -283,7 +283,12 @@ def test_config_from_dict():
     assert official.scaling_factor == 0.18215  # absent from SD2-depth's config.json
     tiny = AutoencoderKLConfig.from_dict(vae_config("tiny"))
     assert AutoencoderKLConfig.from_dict(tiny.to_dict()) == tiny
-    assert AutoencoderKLConfig.from_dict({**vae_config("official"), "scaling_factor": 0.13025}).scaling_factor == 0.13025
+    sdxl_like = {**vae_config("official"), "scaling_factor": 0.13025}
+    assert AutoencoderKLConfig.from_dict(sdxl_like).scaling_factor == 0.13025
+    # keys left out mean diffusers' defaults (sample_size 32), not SD2's
+    no_size = {k: v for k, v in vae_config("official").items() if k != "sample_size"}
+    reference_tile = DiffusersAutoencoderKL.from_config(no_size).tile_sample_min_size
+    assert AutoencoderKLConfig.from_dict(no_size).sample_size == reference_tile == 32
     with pytest.raises(ValueError, match="down_block_types"):
         AutoencoderKLConfig.from_dict({**vae_config("official"), "down_block_types": ["DownBlock2D"] * 4})
     with pytest.raises(ValueError, match="unknown config keys"):

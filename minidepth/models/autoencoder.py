@@ -37,6 +37,13 @@ from .autoencoder_tiling import tiled_decode, tiled_encode
 from .blocks import ResnetBlock, Upsample
 
 
+# diffusers' AutoencoderKL.__init__ defaults: what a config.json without these keys means
+_DIFFUSERS_DEFAULTS = {"in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"],
+                       "up_block_types": ["UpDecoderBlock2D"], "block_out_channels": [64], "layers_per_block": 1,
+                       "act_fn": "silu", "latent_channels": 4, "norm_num_groups": 32, "sample_size": 32,
+                       "scaling_factor": 0.18215}
+
+
 @dataclass(frozen=True)
 class AutoencoderKLConfig:
     in_channels: int = 3
@@ -55,13 +62,14 @@ class AutoencoderKLConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "AutoencoderKLConfig":
         """From a diffusers `vae/config.json`. Traps:
-        - SD2-depth's config has no `scaling_factor`: diffusers then uses 0.18215, and so do we;
-        - only the SD layout is built: every block type "DownEncoderBlock2D" / "UpDecoderBlock2D", act_fn "silu",
-          quant convs and mid-block attention present, no latent shift/normalisation (SDXL/SD3/Flux fields);
+        - keys the file leaves out take diffusers' `AutoencoderKL` defaults, not SD2's: SD2-depth's config has no
+          `scaling_factor` (-> 0.18215); a config without `sample_size` tiles at 32 pixels;
+        - only the SD layout is built: one "DownEncoderBlock2D" / "UpDecoderBlock2D" per entry of block_out_channels,
+          act_fn "silu", quant convs and mid-block attention present, no latent shift/normalisation (SDXL/SD3/Flux);
         - `sample_size` may be a list in some configs: its first entry is the tile size;
         - `force_upcast` only matters to SDXL pipelines and is ignored; unknown keys are refused."""
-        d = {k: v for k, v in d.items() if not k.startswith("_")}
-        n = len(d.get("block_out_channels", cls.block_out_channels))
+        d = {**_DIFFUSERS_DEFAULTS, **{k: v for k, v in d.items() if not k.startswith("_")}}
+        n = len(d["block_out_channels"])
         required = {"down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
                     "act_fn": ("silu", "swish"), "use_quant_conv": (True,), "use_post_quant_conv": (True,),
                     "mid_block_add_attention": (True,), "shift_factor": (None,), "latents_mean": (None,),
@@ -79,11 +87,7 @@ class AutoencoderKLConfig:
             raise ValueError(f"AutoencoderKLConfig.from_dict: unknown config keys {sorted(unknown)}")
         if isinstance(d.get("sample_size"), (list, tuple)):
             d["sample_size"] = d["sample_size"][0]
-        if "block_out_channels" in d:
-            d["block_out_channels"] = tuple(d["block_out_channels"])
-        if d.get("scaling_factor") is None:
-            d.pop("scaling_factor", None)
-        return cls(**d)
+        return cls(**{**d, "block_out_channels": tuple(d["block_out_channels"])})
 
     def to_dict(self) -> dict:
         """diffusers' `vae/config.json` for this model (what `from_dict` reads back; diffusers loads it too)."""
