@@ -107,7 +107,7 @@ def load_components(path_or_repo_id, *, dtype=None, variant=None, revision=None,
     from .models.autoencoder import AutoencoderKL
     from .models.clip_text import CLIPTextModel
     from .models.dpt import DPTDepthModel
-    from .models.unet import UNet2DConditionModel
+    from .models.unet import UNet
     from .schedulers import scheduler_from_config
     from .tokenizer import CLIPTokenizer
 
@@ -119,7 +119,7 @@ def load_components(path_or_repo_id, *, dtype=None, variant=None, revision=None,
         raise ValueError(f"{root / 'model_index.json'} lists no {', '.join(missing)}: not a depth-to-image checkpoint")
     kw = dict(dtype=dtype, device=device, variant=variant)
     return {
-        "unet": UNet2DConditionModel.from_pretrained(root / "unet", **kw),
+        "unet": UNet.from_pretrained(root / "unet", **kw),
         "vae": AutoencoderKL.from_pretrained(root / "vae", **kw),
         "text_encoder": CLIPTextModel.from_pretrained(root / "text_encoder", **kw),
         "depth_estimator": DPTDepthModel.from_pretrained(root / "depth_estimator", **kw),
