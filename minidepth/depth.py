@@ -170,7 +170,7 @@ class DPTImageProcessor:
         return cls(DPTProcessorConfig.from_dict(read_json(os.path.join(folder, "preprocessor_config.json"))), **kwargs)
 
     def __call__(self, images) -> torch.Tensor:
-        items = image_list(images)
+        items = image_list(images, "images")
         out = []
         for i, item in enumerate(items):
             x = _as_chw(item, "`images`" if len(items) == 1 else f"`images[{i}]`")
@@ -250,7 +250,7 @@ def _depth_array(x, where: str) -> torch.Tensor:
         if x.mode not in DEPTH_PIL_MODES:
             raise ValueError(f"{where} is a PIL image of mode {x.mode!r}; depth maps must be single-channel "
                              f"({', '.join(DEPTH_PIL_MODES)}), e.g. image.convert('L') or a 16-bit PNG")
-        x = np.asarray(x)
+        x = np.array(x)
     if isinstance(x, np.ndarray):
         if x.dtype.kind not in "fiu":
             raise TypeError(f"{where} has dtype {x.dtype}; expected integer or floating point depth values")
@@ -300,6 +300,12 @@ def _size_from_first_image(first, fix_numpy_size: bool) -> tuple[int, int]:
     return tuple(first.shape[-2:])
 
 
+def _check_batch(n: int, batch_size: int, source: str) -> None:
+    if n > batch_size or batch_size % n:
+        raise ValueError(f"`{source}` gives {n} depth maps, which does not divide the batch of {batch_size} "
+                         "(prompts x num_images_per_prompt); pass 1 map or one per prompt")
+
+
 def prepare_depth_map(image, depth_map=None, batch_size: int = 1, do_classifier_free_guidance: bool = False,
                       dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", *,
                       depth_estimator=None, feature_extractor: DPTImageProcessor | None = None,
@@ -318,6 +324,7 @@ def prepare_depth_map(image, depth_map=None, batch_size: int = 1, do_classifier_
     images = image_list(image)
     height, width = _size_from_first_image(images[0], fix_numpy_size)
     if depth_map is None:
+        _check_batch(len(images), batch_size, "image")
         if depth_estimator is None:
             raise ValueError("`depth_map` is None, so the depth is estimated from `image`: pass `depth_estimator` "
                              "(and `feature_extractor`)")
@@ -343,11 +350,8 @@ def prepare_depth_map(image, depth_map=None, batch_size: int = 1, do_classifier_
         flat = (d_max == d_min) | flat_input[:, None, None, None]
         depth = torch.where(flat, torch.zeros_like(depth), depth)
     depth = depth.to(dtype)
-    n = depth.shape[0]
-    if n > batch_size or batch_size % n:
-        raise ValueError(f"`{source}` gives {n} depth maps, which does not divide the batch of {batch_size} "
-                         "(prompts x num_images_per_prompt); pass 1 map or one per prompt")
-    depth = depth.repeat(batch_size // n, 1, 1, 1)
+    _check_batch(depth.shape[0], batch_size, source)
+    depth = depth.repeat(batch_size // depth.shape[0], 1, 1, 1)
     return torch.cat([depth] * 2) if do_classifier_free_guidance else depth
 
 

@@ -219,7 +219,9 @@ class Reassemble(nn.Module):
     def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         cls, x = x[:, :1], x[:, 1:]                               # (B, 1, D), (B, h*w, D)
         x = F.gelu(self.readout(torch.cat([x, cls.expand_as(x)], dim=-1)))
-        x = rearrange(x, "B (h w) D -> B D h w", h=h, w=w)
+        # transpose + reshape (not einops): the same strides as transformers, so the convs pick the same kernels and
+        # round the same way (a channels-last view for B > 1, a contiguous-looking one for B = 1)
+        x = x.transpose(1, 2).reshape(x.shape[0], -1, h, w)      # (B, D, h, w)
         return self.resize(self.project(x))                       # (B, C, h*factor, w*factor)
 
 
