@@ -1,0 +1,277 @@
+"""minidepth against diffusers on the official-size architecture: time per stage, peak memory, pixel difference, GFLOP/s.
+
+    .venv/bin/python benchmarks/benchmark.py                         # CPU, 256x256 and 512x512, 2 steps, 2 runs
+    .venv/bin/python benchmarks/benchmark.py --device cuda --dtype fp16 --steps 20 --runs 5
+
+Both pipelines load the same checkpoint folder (by default a random-weight checkpoint with the real SD2-depth configs,
+built once by tests/factory.py and cached in $MINIDEPTH_TEST_CACHE, default <repo>/.cache/minidepth-test; `--checkpoint`
+takes a real one). For every image size: one warm-up run each (which also counts the UNet's FLOPs), then `--runs` runs each,
+ALTERNATING (A B B A ...) so that machine noise hits both the same way, with identical inputs, settings and seeds.
+
+Stages are timed by wrapping the pipelines' own steps on the instances (no library is changed):
+  text encode = `encode_prompt` (prompt + negative prompt), depth estimate = `prepare_depth_map` (DPT preprocessing,
+  model, resize, normalise), VAE encode = `vae.encode`, UNet step = one `unet` forward (the mean), VAE decode = `vae.decode`;
+  end to end = the whole `pipe(...)` call. On CUDA every timer synchronises the device.
+Memory: on CPU the peak resident set size (VmHWM, reset before each run through /proc/self/clear_refs) minus the RSS just
+before the run, i.e. the working memory of the run on top of the weights; on CUDA `torch.cuda.max_memory_allocated` minus
+the allocation before the run. The weights themselves (RSS / allocation growth while loading) are printed once.
+GFLOP/s: FLOPs of one UNet call (torch.utils.flop_counter; the CPU flash-attention kernel is added by hand) divided by the
+mean UNet step time, against the best time of a large `torch.mm` in the same dtype on the same device ("matmul peak").
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+os.environ.setdefault("MINIDEPTH_TEST_CACHE", str(REPO / ".cache" / "minidepth-test"))
+
+STAGES = ("text encode", "depth estimate", "VAE encode", "UNet step", "VAE decode")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+NAMES = ("minidepth", "diffusers")
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+class Probe:
+    """Times the stages of one pipeline (wrapping its steps on the instance) and counts the FLOPs of one UNet call."""
+
+    def __init__(self, pipe, device: torch.device):
+        self.device, self.times, self.unet_flops, self._count_flops = device, {}, None, False
+        self._wrap(pipe, "encode_prompt", "text encode")
+        self._wrap(pipe, "prepare_depth_map", "depth estimate")
+        self._wrap(pipe.vae, "encode", "VAE encode")
+        self._wrap(pipe.unet, "forward", "UNet step")  # nn.Module.__call__ looks `forward` up on the instance first
+        self._wrap(pipe.vae, "decode", "VAE decode")
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _wrap(self, obj, attr: str, stage: str):
+        inner = getattr(obj, attr)
+
+        def timed(*args, **kwargs):
+            if stage == "UNet step" and self._count_flops:
+                self._count_flops = False
+                with flop_counter() as counter:
+                    out = inner(*args, **kwargs)
+                self.unet_flops = counter.get_total_flops()
+                return out
+            self.sync()
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.sync()
+                self.times.setdefault(stage, []).append(time.perf_counter() - start)
+
+        setattr(obj, attr, timed)
+
+    def start(self, count_flops: bool = False):
+        self.times, self._count_flops = {}, count_flops
+
+
+def flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def cpu_flash(query, key, value, *args, out_shape=None, **kwargs):  # not in torch's table (torch 2.x)
+        return sdpa_flop_count(query, key, value)
+
+    extra = {}
+    if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        extra[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = cpu_flash
+    return FlopCounterMode(display=False, custom_mapping=extra)
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+class Memory:
+    """Peak memory of one run above the level just before it (see the module docstring)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device) / 2**20
+        return _status_mb("VmRSS")
+
+    def start(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        self.base = self.now()
+
+    def peak(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20 - self.base
+        return _status_mb("VmHWM") - self.base
+
+
+def matmul_peak_gflops(device: torch.device, dtype: torch.dtype) -> float:
+    """Best of a few large square matrix products: the practical peak of this device for dense math."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    best = float("inf")
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+# ------------------------------------------------------------------------------------------------ the two pipelines
+def load(name: str, folder: Path, device: torch.device, dtype: torch.dtype):
+    if name == "minidepth":
+        from minidepth import StableDiffusionDepth2ImgPipeline
+        pipe = StableDiffusionDepth2ImgPipeline.from_pretrained(folder, torch_dtype=dtype, device=device)
+    else:
+        import diffusers
+        import transformers
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+        pipe = diffusers.StableDiffusionDepth2ImgPipeline.from_pretrained(folder, dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def photo(size: int, seed: int = 0) -> PIL.Image.Image:
+    """A smooth synthetic photo (gradients + a blob + a little noise), so that depth and latents are not trivial."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    img = np.stack([0.5 + 0.5 * np.sin(6 * x + 2 * y), 0.5 + 0.5 * np.cos(4 * y - 3 * x),
+                    np.exp(-((x - 0.5) ** 2 + (y - 0.4) ** 2) * 8)], -1) + rng.normal(0, 0.03, (size, size, 3))
+    return PIL.Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8))
+
+
+def run_once(pipe, probe: Probe, memory: Memory, image, args, count_flops=False) -> dict:
+    probe.start(count_flops)
+    memory.start()
+    probe.sync()
+    start = time.perf_counter()
+    out = pipe(prompt=args.prompt, image=image, strength=args.strength, num_inference_steps=args.steps,
+               guidance_scale=args.guidance, generator=torch.Generator().manual_seed(args.seed), output_type="np")
+    probe.sync()
+    total = time.perf_counter() - start
+    return {"total": total, "peak_mb": memory.peak(), "image": np.asarray(out.images[0], dtype=np.float64),
+            **{stage: sum(t) / len(t) if stage == "UNet step" else sum(t) for stage, t in probe.times.items()}}
+
+
+# ------------------------------------------------------------------------------------------------ report
+def table(size: int, results: dict, flops: dict, peak_gflops: float, pixel_diff: float, args) -> str:
+    def med(name, key):
+        return statistics.median(r[key] for r in results[name])
+
+    rows = [("stage", "minidepth", "diffusers", "ratio")]
+    for key, label in [(s, f"{s} (s)") for s in STAGES] + [("total", "end to end (s)"), ("peak_mb", "peak memory (MB)")]:
+        ours, ref = med("minidepth", key), med("diffusers", key)
+        rows.append((label, f"{ours:.3f}" if key != "peak_mb" else f"{ours:.0f}",
+                     f"{ref:.3f}" if key != "peak_mb" else f"{ref:.0f}", f"{ours / ref:.2f}x" if ref else "-"))
+    for name in NAMES:
+        flops[name] = flops[name] or 0
+    gflops = {n: flops[n] / med(n, "UNet step") / 1e9 for n in NAMES}
+    rows.append(("UNet GFLOP/s", f"{gflops['minidepth']:.1f}", f"{gflops['diffusers']:.1f}",
+                 f"{gflops['minidepth'] / gflops['diffusers']:.2f}x" if gflops["diffusers"] else "-"))
+    rows.append(("  of matmul peak", f"{100 * gflops['minidepth'] / peak_gflops:.0f}%",
+                 f"{100 * gflops['diffusers'] / peak_gflops:.0f}%", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = [f"### {size}x{size}, {args.steps} steps, strength {args.strength}, guidance {args.guidance}, "
+             f"{args.device} {args.dtype}, median of {args.runs} runs (ratio = minidepth / diffusers)", "",
+             "| " + " | ".join(c.ljust(w) for c, w in zip(rows[0], widths)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
+              for r in rows[1:]]
+    lines += ["", f"UNet call: {flops['minidepth'] / 1e9:.1f} GFLOP (minidepth count), "
+                  f"{flops['diffusers'] / 1e9:.1f} GFLOP (diffusers count); matmul peak {peak_gflops:.1f} GFLOP/s; "
+                  f"max pixel difference |minidepth - diffusers| = {pixel_diff:.2e} of the [0, 1] range "
+                  f"({pixel_diff * 255:.3f} / 255)"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="square image sizes (multiples of 8)")
+    p.add_argument("--steps", type=int, default=2, help="num_inference_steps")
+    p.add_argument("--strength", type=float, default=1.0, help="1.0 runs every step of the schedule")
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--runs", type=int, default=2, help="timed runs per pipeline and size, after one warm-up each")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", default="a stone bridge over a river, evening light")
+    p.add_argument("--checkpoint", type=Path, help="checkpoint folder (default: the random-weight official-size one)")
+    p.add_argument("--architecture", choices=["official", "tiny"], default="official",
+                   help="size of the random-weight checkpoint when no --checkpoint is given (tiny: a quick smoke test)")
+    args = p.parse_args(argv)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""), file=sys.stderr)
+    if args.checkpoint is None:
+        import factory
+        started = time.perf_counter()
+        args.checkpoint = factory.cached_checkpoint(args.architecture)
+        print(f"checkpoint {args.checkpoint} ready in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    import diffusers
+    import minidepth
+    print(f"minidepth {getattr(minidepth, '__version__', '?')}, diffusers {diffusers.__version__}", file=sys.stderr)
+
+    memory, pipes, probes = Memory(device), {}, {}
+    for name in NAMES:
+        memory.start()
+        started = time.perf_counter()
+        pipes[name] = load(name, args.checkpoint, device, dtype)
+        probes[name] = Probe(pipes[name], device)
+        gc.collect()
+        print(f"{name}: loaded in {time.perf_counter() - started:.1f} s, weights take "
+              f"{memory.now() - memory.base:.0f} MB", file=sys.stderr)
+    peak_gflops = matmul_peak_gflops(device, dtype)
+    print(f"matmul peak: {peak_gflops:.1f} GFLOP/s ({args.dtype})", file=sys.stderr)
+
+    reports = []
+    for size in args.sizes:
+        image = photo(size)
+        results, flops = {n: [] for n in NAMES}, {}
+        for name in NAMES:  # warm-up, which also counts the UNet FLOPs
+            started = time.perf_counter()
+            warm = run_once(pipes[name], probes[name], memory, image, args, count_flops=True)
+            flops[name] = probes[name].unet_flops
+            print(f"{size}: {name} warm-up {time.perf_counter() - started:.1f} s", file=sys.stderr)
+        for run in range(args.runs):
+            for name in NAMES if run % 2 == 0 else NAMES[::-1]:
+                results[name].append(run_once(pipes[name], probes[name], memory, image, args))
+                print(f"{size}: {name} run {run + 1}: {results[name][-1]['total']:.2f} s", file=sys.stderr)
+        pixel_diff = max(float(np.abs(a["image"] - b["image"]).max())
+                         for a, b in zip(results["minidepth"], results["diffusers"]))
+        reports.append(table(size, results, flops, peak_gflops, pixel_diff, args))
+        print(reports[-1] + "\n", flush=True)
+        del warm
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
