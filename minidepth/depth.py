@@ -8,7 +8,7 @@
 Faithful by default to transformers 5 `DPTImageProcessor` and diffusers' `prepare_depth_map`, quirks included; every
 deviation is an explicit, documented argument:
   - float numpy / tensor images are divided by 255 like uint8 ones (so [0, 1] images come out near -1): the reference
-    does this; `assume_unit_float=True` scales [0, 1] floats to [0, 255] first;
+    does this; `assume_unit_float=True` takes floats as [0, 1] and converts them to uint8 (round(x * 255)) first;
   - for numpy images the reference reads the size as (width, height) = shape[:2], swapping H and W:
     `fix_numpy_size=True` reads (height, width);
   - a flat depth map makes the reference's normalisation 0 / 0 = NaN: `nan_safe=True` (default) gives zeros instead
@@ -57,7 +57,8 @@ def image_list(image, name: str = "image") -> list:
             if not isinstance(x, PIL.Image.Image) and x.ndim not in (2, 3):
                 raise ValueError(f"`{name}[{i}]` has shape {tuple(x.shape)}; list items must be single images")
         return list(image)
-    raise TypeError(f"`{name}` must be a PIL image, numpy array, torch tensor or a list of them; got {type(image).__name__}")
+    raise TypeError(f"`{name}` must be a PIL image, numpy array, torch tensor or a list of them; "
+                    f"got {type(image).__name__}")
 
 
 def _as_chw(x, where: str) -> torch.Tensor:
@@ -153,7 +154,7 @@ class DPTImageProcessor:
     backend="torch" (default) = `DPTImageProcessor` (torchvision): uint8 CHW -> antialiased bilinear resize on uint8 ->
         float32 -> (x - 127.5) / 127.5;
     backend="pil" = `DPTImageProcessorPil` (= transformers 4.x): PIL bilinear resize on uint8 -> float64 x 1/255 ->
-        float32 -> (x - 0.5) / 0.5. The two differ by a few 1e-3 (resampling kernels).
+        float32 -> (x - 0.5) / 0.5. The two differ by at most one uint8 step (2/255; mean ~3e-4 on a photo).
     Inputs: PIL images, numpy HWC / NHWC, torch CHW / NCHW, or lists of single images.
     """
 
@@ -173,9 +174,13 @@ class DPTImageProcessor:
         items = image_list(images, "images")
         out = []
         for i, item in enumerate(items):
-            x = _as_chw(item, "`images`" if len(items) == 1 else f"`images[{i}]`")
+            where = "`images`" if len(items) == 1 else f"`images[{i}]`"
+            x = _as_chw(item, where)
             if self.assume_unit_float and x.is_floating_point():
-                x = x * 255
+                if x.min() < 0 or x.max() > 1:
+                    raise ValueError(f"{where}: assume_unit_float=True needs float values in [0, 1], got "
+                                     f"[{x.min().item():.4g}, {x.max().item():.4g}]")
+                x = (x * 255).round().to(torch.uint8)  # then exactly what the uint8 image gives
             out.append(self._torch(x) if self.backend == "torch" else self._pil(x))
         if len({tuple(x.shape) for x in out}) > 1:
             raise ValueError("images of different aspect ratios give pixel_values of different sizes; "
@@ -386,7 +391,8 @@ def _single_map(depth) -> np.ndarray:
     return d
 
 
-def save_depth_image(depth, path_png: str | os.PathLike, raw16_path: str | os.PathLike | None = None) -> PIL.Image.Image:
+def save_depth_image(depth, path_png: str | os.PathLike,
+                     raw16_path: str | os.PathLike | None = None) -> PIL.Image.Image:
     """Write a colour-mapped PNG of one depth map (near = bright) and, with `raw16_path`, a 16-bit grey PNG
     (PIL mode I;16, min-max normalised to 0..65535 as MiDaS writes them) for other tools. Returns the colour image."""
     image = PIL.Image.fromarray(colorize_depth(depth), "RGB")

@@ -1,6 +1,7 @@
 """DPT preprocessing, depth estimation and the UNet's depth channel, against the live references:
-transformers 5 `DPTImageProcessor` / `DPTImageProcessorPil` and diffusers' `StableDiffusionDepth2ImgPipeline.prepare_depth_map`
-(called on a pipeline built from the tiny checkpoint), on identical weights and inputs."""
+transformers 5 `DPTImageProcessor` / `DPTImageProcessorPil` and diffusers'
+`StableDiffusionDepth2ImgPipeline.prepare_depth_map` (called on a pipeline built from the tiny checkpoint), on identical
+weights and inputs."""
 
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ def processors():
     from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil
     folder = factory.cached_checkpoint("tiny", ()) / "feature_extractor"
     return {"torch": (DPTImageProcessor.from_pretrained(folder), Reference.from_pretrained(folder)),
-            "pil": (DPTImageProcessor.from_pretrained(folder, backend="pil"), DPTImageProcessorPil.from_pretrained(folder))}
+            "pil": (DPTImageProcessor.from_pretrained(folder, backend="pil"),
+                    DPTImageProcessorPil.from_pretrained(folder))}
 
 
 def test_processor_config_is_the_preset():
@@ -90,8 +92,11 @@ def test_float_images_quirk_and_option(processors):
     unit = a.astype(np.float32) / 255
     quirk = processors["torch"][0](unit)
     assert quirk.max() < -0.99  # [0, 1] floats divided by 255 again, as transformers does
-    fixed = DPTImageProcessor(assume_unit_float=True)(unit)
-    compare(fixed, processors["torch"][0](a), 2 / 127.5, "assume_unit_float vs uint8")
+    for backend in ("torch", "pil"):
+        fixed = DPTImageProcessor(backend=backend, assume_unit_float=True)(unit)
+        assert torch.equal(fixed, processors[backend][0](a)), backend  # the same as the uint8 image
+    with pytest.raises(ValueError, match="assume_unit_float"):
+        DPTImageProcessor(assume_unit_float=True)(unit * 2)
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P"])

@@ -187,7 +187,8 @@ def _tsv(name: str) -> dict[str, list[int]]:
 def test_official_names_shapes_and_parameter_count_on_meta():
     model = build_on_meta(lambda: DPTDepthModel(DPTConfig.sd2_depth()))
     assert parameter_count(model) == OFFICIAL_PARAMETERS
-    for keymap, tsv in ((TRANSFORMERS_KEYS, "transformers_dpt_hybrid.tsv"), (MIDAS_KEYS, "midas_dpt_hybrid_original.tsv")):
+    for keymap, tsv in ((TRANSFORMERS_KEYS, "transformers_dpt_hybrid.tsv"),
+                        (MIDAS_KEYS, "midas_dpt_hybrid_original.tsv")):
         expected = {k: v for k, v in _tsv(tsv).items() if not keymap.is_ignored(k)}
         exported = {k: list(v.shape) for k, v in export_state_dict(model, keymap).items()}
         assert exported == expected, keymap.name

@@ -5,7 +5,7 @@ Ranftl, Bochkovskiy, Koltun, "Vision Transformers for Dense Prediction" (ICCV 20
     image (B, 3, H, W)
       backbone   R50+ViT-B/16 (Dosovitskiy et al. 2021): a BiT ResNet whose stride-16 map becomes the ViT's tokens.
                  Returns four features: BiT stage 1 (/4) and stage 2 (/8) maps, ViT blocks 8 and 11 tokens (/16)
-      reassemble tokens -> maps: fold the CLS token in ("project" readout, eq. 3), 1x1 conv, resize (/16, /32)
+      reassemble tokens -> maps: fold the CLS token in (the "project" readout), 1x1 conv, resize (/16, /32)
       fusion     3x3 convs to one width, then RefineNet-style fusion from coarse to fine, x2 upsampling each time
       head       conv, x2 upsampling, conv, ReLU, 1x1 conv, ReLU  ->  predicted_depth (B, H, W)
 
@@ -19,13 +19,14 @@ interpolation (what transformers does), so any input whose sides are multiples o
 Weights load from the hub layout (`TRANSFORMERS_KEYS`, transformers' DPTForDepthEstimation) or the original MiDaS names
 (`MIDAS_KEYS`; inside the single-file SD2 checkpoint under `depth_model.model.`).
 
-Shapes: B batch, C channels, H W pixels, h w token grid, L = 1 + h*w tokens (CLS first), D ViT width, n heads, d head size.
+Shapes: B batch, C channels, H W pixels, h w token grid (H/16, W/16), L = 1 + h*w tokens (CLS first), D ViT width,
+n heads, d head size.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -52,7 +53,7 @@ class DPTConfig:
     num_heads: int = 12
     mlp_size: int = 3072
     layer_norm_eps: float = 1e-12          # transformers' config; timm (and the original MiDaS) use 1e-6
-    image_size: int = 384                  # the position embeddings are learned for image_size / patch_size tokens a side
+    image_size: int = 384                  # position embeddings are learned for (image_size / patch_size)^2 tokens
     patch_size: int = 16
     vit_out_indices: tuple[int, int] = (8, 11)  # ViT blocks whose outputs feed the neck (levels 2 and 3)
     # neck and head; levels 0, 1 are the BiT stage 1, 2 maps, levels 2, 3 the reassembled ViT tokens
@@ -62,6 +63,9 @@ class DPTConfig:
     head_size: int = 32                    # hidden width of the head's last 3x3 conv (fixed in the original code)
 
     def __post_init__(self):
+        if (len(self.neck_sizes), len(self.vit_out_indices), len(self.reassemble_factors)) != (4, 2, 2):
+            raise ValueError(f"DPT-Hybrid has 4 levels (2 BiT maps, 2 ViT outputs): got neck_sizes {self.neck_sizes}, "
+                             f"vit_out_indices {self.vit_out_indices}, reassemble_factors {self.reassemble_factors}")
         if tuple(self.neck_sizes[:2]) != tuple(self.stage_widths[:2]):
             raise ValueError(f"neck_sizes[:2] {self.neck_sizes[:2]} must equal the BiT stage widths "
                              f"{self.stage_widths[:2]}: levels 0 and 1 are those stages' maps, unchanged")
@@ -95,11 +99,14 @@ class DPTConfig:
             for key, value in want.items():
                 if src.get(key, value) != value:
                     raise ValueError(f"DPT config: {where}{key}={src[key]!r} is not supported (only {value!r})")
+        if d.get("use_bias_in_fusion_residual") is False:
+            raise ValueError("DPT config: use_bias_in_fusion_residual=False is not supported")
         depths = tuple(bb["depths"])
         widths = tuple(bb["hidden_sizes"][:len(depths)])
         featmap = d.get("backbone_featmap_shape")
         if featmap is not None and featmap[1] != widths[-1]:
-            raise ValueError(f"DPT config: backbone_featmap_shape {featmap} disagrees with the last BiT width {widths[-1]}")
+            raise ValueError(f"DPT config: backbone_featmap_shape {featmap} disagrees with the last BiT width "
+                             f"{widths[-1]}")
         factors = d.get("reassemble_factors", [1, 1, 1, 0.5])
         return cls(stem_width=bb["embedding_size"], stage_widths=widths, stage_depths=depths,
                    num_groups=bb["num_groups"], hidden_size=d["hidden_size"], num_layers=d["num_hidden_layers"],
@@ -191,7 +198,7 @@ class HybridViT(nn.Module):
         h, w = x.shape[-2:]
         x = rearrange(x, "B D h w -> B (h w) D")
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, L, D)
-        x = x + self.position_embeddings(h, w).to(x.dtype)
+        x = x + self.position_embeddings(h, w)
         tokens = []
         for i, block in enumerate(self.blocks[:max(self.cfg.vit_out_indices) + 1]):
             x = block(x)
@@ -202,7 +209,7 @@ class HybridViT(nn.Module):
 
 # ------------------------------------------------------------------------------------------------ neck
 class Reassemble(nn.Module):
-    """ViT tokens -> feature map: readout "project" (eq. 3: concat the CLS token to every token, Linear, GELU),
+    """ViT tokens -> feature map: readout "project" (DPT Sec. 3: concat the CLS token to every token, Linear, GELU),
     unflatten to (h, w), 1x1 conv to the level's width, then resize (transposed conv up, strided conv down)."""
 
     def __init__(self, dim: int, channels: int, factor: float):
@@ -335,7 +342,8 @@ TRANSFORMERS_KEYS = KeyMap("transformers DPTForDepthEstimation (hybrid)", (
     Rule("backbone.pos_embed", "dpt.embeddings.position_embeddings"),
     Rule("backbone.resnet.stem.conv.{rest}", "dpt.embeddings.backbone.bit.embedder.convolution.{rest}"),
     Rule("backbone.resnet.stem.norm.{rest}", "dpt.embeddings.backbone.bit.embedder.norm.{rest}"),
-    Rule("backbone.resnet.stages.{i}.blocks.{j}.{rest}", "dpt.embeddings.backbone.bit.encoder.stages.{i}.layers.{j}.{rest}"),
+    Rule("backbone.resnet.stages.{i}.blocks.{j}.{rest}",
+         "dpt.embeddings.backbone.bit.encoder.stages.{i}.layers.{j}.{rest}"),
     Rule("backbone.proj.{rest}", "dpt.embeddings.projection.{rest}"),
     Rule("backbone.blocks.{i}.norm1.{rest}", "dpt.encoder.layer.{i}.layernorm_before.{rest}"),
     Rule("backbone.blocks.{i}.attn.qkv.{rest}",
