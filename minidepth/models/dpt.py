@@ -181,7 +181,7 @@ class HybridViT(nn.Module):
 
     def position_embeddings(self, h: int, w: int) -> torch.Tensor:
         """The learned (grid x grid) position embeddings resized to (h, w): bilinear, align_corners=False, no
-        antialias, as transformers does (timm's own resize is bicubic + antialias and differs by ~1e-3)."""
+        antialias, as transformers and the original DPT code do (timm's own resize, bicubic + antialias, differs)."""
         grid = self.cfg.image_size // self.cfg.patch_size
         cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
         patch_pos = rearrange(patch_pos, "1 (gh gw) D -> 1 D gh gw", gh=grid)
