@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 from ..checkpoints import (IDENTITY, KeyMap, Rule, TensorFile, build_on_meta, find_weights, mapped_state_dict,
@@ -163,11 +162,12 @@ class SpatialSelfAttention(Attention):
 
     def forward(self, x: torch.Tensor, context=None, cross_attention_kwargs=None) -> torch.Tensor:
         B, C, H, W = x.shape
-        tokens = rearrange(self.group_norm(x), "B C H W -> B (H W) C")
+        # The reshapes follow diffusers' order exactly (flatten, GroupNorm on (B, C, H*W), transpose; back with
+        # transpose then reshape, `out` first in the sum). Equal values in another memory layout (einops, or a 4-D
+        # GroupNorm) make later kernels round differently, ~1e-7 per layer, e.g. for the channels-last images that
+        # the pipeline's numpy -> tensor conversion produces.
+        tokens = self.group_norm(x.reshape(B, C, H * W)).transpose(1, 2)  # (B, H*W, C)
         out = super().forward(tokens, cross_attention_kwargs=cross_attention_kwargs)  # (B, H*W, C)
-        # Back to (B, C, H, W) as diffusers does it (transpose then reshape, `out` first in the sum): the result then
-        # has diffusers' memory layout (strides), so the next GroupNorm and convolutions pick the same kernels and the
-        # numbers agree bit for bit. (einops' rearrange gives equal values with other strides, off by ~1e-6.)
         return out.transpose(1, 2).reshape(B, C, H, W) + x
 
 
