@@ -5,16 +5,16 @@
 
 Both pipelines load the same checkpoint folder (by default a random-weight checkpoint with the real SD2-depth configs,
 built once by tests/factory.py and cached in $MINIDEPTH_TEST_CACHE, default <repo>/.cache/minidepth-test; `--checkpoint`
-takes a real one). For every image size: one warm-up run each (which also counts the UNet's FLOPs), then `--runs` runs each,
-ALTERNATING (A B B A ...) so that machine noise hits both the same way, with identical inputs, settings and seeds.
+takes a real one), each in its own worker process so that its memory can be measured alone. For every image size: one
+warm-up run each (which also counts the UNet's FLOPs), then `--runs` runs each, ALTERNATING (A B B A ...) so that machine
+noise hits both the same way, with identical inputs, settings and seeds; the table shows medians.
 
 Stages are timed by wrapping the pipelines' own steps on the instances (no library is changed):
   text encode = `encode_prompt` (prompt + negative prompt), depth estimate = `prepare_depth_map` (DPT preprocessing,
   model, resize, normalise), VAE encode = `vae.encode`, UNet step = one `unet` forward (the mean), VAE decode = `vae.decode`;
   end to end = the whole `pipe(...)` call. On CUDA every timer synchronises the device.
-Memory: on CPU the peak resident set size (VmHWM, reset before each run through /proc/self/clear_refs) minus the RSS just
-before the run, i.e. the working memory of the run on top of the weights; on CUDA `torch.cuda.max_memory_allocated` minus
-the allocation before the run. The weights themselves (RSS / allocation growth while loading) are printed once.
+Memory: the worker's peak over the size's runs, weights included: on CPU the peak resident set size (VmHWM, reset through
+/proc/self/clear_refs when a size starts), on CUDA `torch.cuda.max_memory_allocated` (reset likewise).
 GFLOP/s: FLOPs of one UNet call (torch.utils.flop_counter; the CPU flash-attention kernel is added by hand) divided by the
 mean UNet step time, against the best time of a large `torch.mm` in the same dtype on the same device ("matmul peak").
 """
@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -103,29 +106,29 @@ def _status_mb(field: str) -> float:
 
 
 class Memory:
-    """Peak memory of one run above the level just before it (see the module docstring)."""
+    """This process's memory (MB): now, and the peak since `reset_peak` (see the module docstring)."""
 
     def __init__(self, device: torch.device):
         self.device = device
 
     def now(self) -> float:
+        gc.collect()
         if self.device.type == "cuda":
             return torch.cuda.memory_allocated(self.device) / 2**20
         return _status_mb("VmRSS")
 
-    def start(self):
+    def reset_peak(self):
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        self.base = self.now()
 
     def peak(self) -> float:
         if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20 - self.base
-        return _status_mb("VmHWM") - self.base
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return _status_mb("VmHWM")
 
 
 def matmul_peak_gflops(device: torch.device, dtype: torch.dtype) -> float:
@@ -168,47 +171,91 @@ def photo(size: int, seed: int = 0) -> PIL.Image.Image:
     return PIL.Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8))
 
 
-def run_once(pipe, probe: Probe, memory: Memory, image, args, count_flops=False) -> dict:
-    probe.start(count_flops)
-    memory.start()
-    probe.sync()
-    start = time.perf_counter()
-    out = pipe(prompt=args.prompt, image=image, strength=args.strength, num_inference_steps=args.steps,
-               guidance_scale=args.guidance, generator=torch.Generator().manual_seed(args.seed), output_type="np")
-    probe.sync()
-    total = time.perf_counter() - start
-    return {"total": total, "peak_mb": memory.peak(), "image": np.asarray(out.images[0], dtype=np.float64),
-            **{stage: sum(t) / len(t) if stage == "UNet step" else sum(t) for stage, t in probe.times.items()}}
+# ------------------------------------------------------------------------------------------------ the worker process
+def worker(args) -> None:
+    """Loads one pipeline, then answers JSON requests on stdin (one per line) with JSON lines on stdout."""
+    reply = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # anything the libraries print goes to stderr, not into the replies
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    memory = Memory(device)
+    started = time.perf_counter()
+    pipe = load(args.worker, args.checkpoint, device, dtype)
+    probe = Probe(pipe, device)
+    reply.write(json.dumps({"load_s": time.perf_counter() - started, "weights_mb": memory.now()}) + "\n")
+    for line in sys.stdin:
+        request = json.loads(line)
+        if request["cmd"] == "reset_peak":
+            memory.reset_peak()
+            reply.write("{}\n")
+        elif request["cmd"] == "run":
+            image = photo(request["size"])
+            probe.start(request["count_flops"])
+            probe.sync()
+            start = time.perf_counter()
+            out = pipe(prompt=args.prompt, image=image, strength=args.strength, num_inference_steps=args.steps,
+                       guidance_scale=args.guidance, generator=torch.Generator().manual_seed(args.seed),
+                       output_type="np")
+            probe.sync()
+            total = time.perf_counter() - start
+            np.save(request["out"], np.asarray(out.images[0], dtype=np.float32))
+            stages = {k: sum(t) / len(t) if k == "UNet step" else sum(t) for k, t in probe.times.items()}
+            reply.write(json.dumps({"total": total, "peak_mb": memory.peak(), "flops": probe.unet_flops,
+                                    **stages}) + "\n")
+
+
+class Worker:
+    def __init__(self, name: str, args):
+        self.name = name
+        command = [sys.executable, __file__, "--worker", name, "--checkpoint", str(args.checkpoint),
+                   "--device", args.device, "--dtype", args.dtype, "--steps", str(args.steps),
+                   "--strength", str(args.strength), "--guidance", str(args.guidance), "--seed", str(args.seed),
+                   "--prompt", args.prompt]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.ready = self._read()
+
+    def _read(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {self.name} worker died (exit code {self.process.wait()}); see its stderr above")
+        return json.loads(line)
+
+    def __call__(self, **request) -> dict:
+        self.process.stdin.write(json.dumps(request) + "\n")
+        return self._read()
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait()
 
 
 # ------------------------------------------------------------------------------------------------ report
-def table(size: int, results: dict, flops: dict, peak_gflops: float, pixel_diff: float, args) -> str:
+def table(size: int, results: dict, flops: dict, peaks: dict, peak_gflops: float, pixel_diff: float, args) -> str:
     def med(name, key):
-        return statistics.median(r[key] for r in results[name])
+        return statistics.median(r.get(key, 0.0) for r in results[name])
 
-    rows = [("stage", "minidepth", "diffusers", "ratio")]
-    for key, label in [(s, f"{s} (s)") for s in STAGES] + [("total", "end to end (s)"), ("peak_mb", "peak memory (MB)")]:
-        ours, ref = med("minidepth", key), med("diffusers", key)
-        rows.append((label, f"{ours:.3f}" if key != "peak_mb" else f"{ours:.0f}",
-                     f"{ref:.3f}" if key != "peak_mb" else f"{ref:.0f}", f"{ours / ref:.2f}x" if ref else "-"))
-    for name in NAMES:
-        flops[name] = flops[name] or 0
-    gflops = {n: flops[n] / med(n, "UNet step") / 1e9 for n in NAMES}
-    rows.append(("UNet GFLOP/s", f"{gflops['minidepth']:.1f}", f"{gflops['diffusers']:.1f}",
-                 f"{gflops['minidepth'] / gflops['diffusers']:.2f}x" if gflops["diffusers"] else "-"))
-    rows.append(("  of matmul peak", f"{100 * gflops['minidepth'] / peak_gflops:.0f}%",
+    def row(label, ours, ref, fmt):
+        return label, fmt.format(ours), fmt.format(ref), f"{ours / ref:.2f}x" if ref else "-"
+
+    rows = [("", "minidepth", "diffusers", "ratio")]
+    rows += [row(f"{s} (s)", med("minidepth", s), med("diffusers", s), "{:.3f}") for s in STAGES]
+    rows.append(row("end to end (s)", med("minidepth", "total"), med("diffusers", "total"), "{:.3f}"))
+    rows.append(row(f"peak {'RSS' if args.device == 'cpu' else 'allocated'} (MB)", peaks["minidepth"],
+                    peaks["diffusers"], "{:.0f}"))
+    gflops = {n: (flops[n] or 0) / med(n, "UNet step") / 1e9 for n in NAMES}
+    rows.append(row("UNet GFLOP/s", gflops["minidepth"], gflops["diffusers"], "{:.1f}"))
+    rows.append(("  share of matmul peak", f"{100 * gflops['minidepth'] / peak_gflops:.0f}%",
                  f"{100 * gflops['diffusers'] / peak_gflops:.0f}%", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = [f"### {size}x{size}, {args.steps} steps, strength {args.strength}, guidance {args.guidance}, "
-             f"{args.device} {args.dtype}, median of {args.runs} runs (ratio = minidepth / diffusers)", "",
+    lines = [f"### {size}x{size}: {args.steps} steps, strength {args.strength}, guidance {args.guidance}, "
+             f"{args.device} {args.dtype}; median of {args.runs} runs; ratio = minidepth / diffusers", "",
              "| " + " | ".join(c.ljust(w) for c, w in zip(rows[0], widths)) + " |",
              "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     lines += ["| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
               for r in rows[1:]]
-    lines += ["", f"UNet call: {flops['minidepth'] / 1e9:.1f} GFLOP (minidepth count), "
-                  f"{flops['diffusers'] / 1e9:.1f} GFLOP (diffusers count); matmul peak {peak_gflops:.1f} GFLOP/s; "
-                  f"max pixel difference |minidepth - diffusers| = {pixel_diff:.2e} of the [0, 1] range "
-                  f"({pixel_diff * 255:.3f} / 255)"]
+    lines += ["", f"One UNet call (batch 2 with guidance): {(flops['minidepth'] or 0) / 1e9:.1f} GFLOP counted on "
+                  f"minidepth, {(flops['diffusers'] or 0) / 1e9:.1f} on diffusers; matmul peak {peak_gflops:.1f} "
+                  f"GFLOP/s. Max pixel difference |minidepth - diffusers| = {pixel_diff:.2e} of the [0, 1] range "
+                  f"({pixel_diff * 255:.3f} / 255)."]
     return "\n".join(lines)
 
 
@@ -226,9 +273,13 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", type=Path, help="checkpoint folder (default: the random-weight official-size one)")
     p.add_argument("--architecture", choices=["official", "tiny"], default="official",
                    help="size of the random-weight checkpoint when no --checkpoint is given (tiny: a quick smoke test)")
+    p.add_argument("--worker", choices=NAMES, help=argparse.SUPPRESS)  # internal: run as a worker process
     args = p.parse_args(argv)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if args.worker:
+        worker(args)
+        return 0
 
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""), file=sys.stderr)
     if args.checkpoint is None:
@@ -236,40 +287,35 @@ def main(argv=None) -> int:
         started = time.perf_counter()
         args.checkpoint = factory.cached_checkpoint(args.architecture)
         print(f"checkpoint {args.checkpoint} ready in {time.perf_counter() - started:.0f} s", file=sys.stderr)
-    import diffusers
-    import minidepth
-    print(f"minidepth {getattr(minidepth, '__version__', '?')}, diffusers {diffusers.__version__}", file=sys.stderr)
-
-    memory, pipes, probes = Memory(device), {}, {}
-    for name in NAMES:
-        memory.start()
-        started = time.perf_counter()
-        pipes[name] = load(name, args.checkpoint, device, dtype)
-        probes[name] = Probe(pipes[name], device)
-        gc.collect()
-        print(f"{name}: loaded in {time.perf_counter() - started:.1f} s, weights take "
-              f"{memory.now() - memory.base:.0f} MB", file=sys.stderr)
-    peak_gflops = matmul_peak_gflops(device, dtype)
-    print(f"matmul peak: {peak_gflops:.1f} GFLOP/s ({args.dtype})", file=sys.stderr)
-
-    reports = []
-    for size in args.sizes:
-        image = photo(size)
-        results, flops = {n: [] for n in NAMES}, {}
-        for name in NAMES:  # warm-up, which also counts the UNet FLOPs
-            started = time.perf_counter()
-            warm = run_once(pipes[name], probes[name], memory, image, args, count_flops=True)
-            flops[name] = probes[name].unet_flops
-            print(f"{size}: {name} warm-up {time.perf_counter() - started:.1f} s", file=sys.stderr)
-        for run in range(args.runs):
-            for name in NAMES if run % 2 == 0 else NAMES[::-1]:
-                results[name].append(run_once(pipes[name], probes[name], memory, image, args))
-                print(f"{size}: {name} run {run + 1}: {results[name][-1]['total']:.2f} s", file=sys.stderr)
-        pixel_diff = max(float(np.abs(a["image"] - b["image"]).max())
-                         for a, b in zip(results["minidepth"], results["diffusers"]))
-        reports.append(table(size, results, flops, peak_gflops, pixel_diff, args))
-        print(reports[-1] + "\n", flush=True)
-        del warm
+    workers = {}
+    try:
+        for name in NAMES:  # one after the other, so that loading is not timed under contention
+            workers[name] = Worker(name, args)
+            print(f"{name}: loaded in {workers[name].ready['load_s']:.1f} s; process RSS/allocation after loading "
+                  f"{workers[name].ready['weights_mb']:.0f} MB", file=sys.stderr)
+        peak_gflops = matmul_peak_gflops(device, dtype)
+        print(f"matmul peak: {peak_gflops:.1f} GFLOP/s ({args.dtype})", file=sys.stderr)
+        with tempfile.TemporaryDirectory() as tmp:
+            for size in args.sizes:
+                results, flops, images = {n: [] for n in NAMES}, {}, {n: [] for n in NAMES}
+                for name in NAMES:  # warm-up, which also counts the UNet FLOPs
+                    workers[name](cmd="reset_peak")
+                    warm = workers[name](cmd="run", size=size, count_flops=True, out=f"{tmp}/{name}-warm.npy")
+                    flops[name] = warm["flops"]
+                    print(f"{size}: {name} warm-up {warm['total']:.1f} s", file=sys.stderr)
+                for run in range(args.runs):
+                    for name in NAMES if run % 2 == 0 else NAMES[::-1]:
+                        images[name].append(f"{tmp}/{name}-{run}.npy")
+                        results[name].append(workers[name](cmd="run", size=size, count_flops=False,
+                                                           out=images[name][-1]))
+                        print(f"{size}: {name} run {run + 1}: {results[name][-1]['total']:.2f} s", file=sys.stderr)
+                peaks = {n: max(r["peak_mb"] for r in results[n]) for n in NAMES}
+                pixel_diff = max(float(np.abs(np.load(a).astype(np.float64) - np.load(b)).max())
+                                 for a, b in zip(images["minidepth"], images["diffusers"]))
+                print(table(size, results, flops, peaks, peak_gflops, pixel_diff, args) + "\n", flush=True)
+    finally:
+        for w in workers.values():
+            w.close()
     return 0
 
 

@@ -293,35 +293,35 @@ def cmd_depth(args) -> int:
 
 
 def cmd_download(args) -> int:
-    from .checkpoints import hub
     if Path(args.model).expanduser().is_dir():
         raise CLIError(f"--model {args.model} is already a local folder; pass it to --model directly", code=2)
-    if args.dir is None:  # into the Hugging Face cache, where `--model <repo id>` finds it again
-        folder = resolve_model(args.model, variant=args.variant, revision=args.revision)
-    else:
-        folder = download_to(args.model, Path(args.dir), args.variant, args.revision)
+    folder = download(args.model, Path(args.dir) if args.dir else None, args.variant, args.revision)
     print(folder)
     print(f"use it with: minidepth generate --model {args.dir or args.model} ...", file=sys.stderr)
     return 0
 
 
-def download_to(repo_id: str, folder: Path, variant: str | None, revision: str | None) -> Path:
-    """Only the files the pipeline reads (as `checkpoints.hub.resolve_checkpoint`), into a plain folder."""
+def download(repo_id: str, folder: Path | None, variant: str | None, revision: str | None) -> Path:
+    """Only the files the pipeline reads (see `checkpoints.hub`): into the Hugging Face cache (where `--model <repo
+    id>` finds them again) when `folder` is None, else into that plain folder."""
     from huggingface_hub import snapshot_download
     from .checkpoints import hub
-    patterns = hub.SMALL_FILES + [hub._weight_name(c, variant, ".safetensors") for c in hub.WEIGHT_STEMS]
+
+    def fetch(patterns) -> Path:  # local_dir=None: the cache
+        return Path(snapshot_download(repo_id, revision=revision, local_dir=folder, allow_patterns=patterns))
+
     try:
-        snapshot_download(repo_id, revision=revision, local_dir=folder, allow_patterns=patterns)
-        missing = [c for c in hub.WEIGHT_STEMS if not (folder / hub._weight_name(c, variant, ".safetensors")).is_file()]
+        weights = [hub._weight_name(c, variant, ".safetensors") for c in hub.WEIGHT_STEMS]
+        root = fetch(hub.SMALL_FILES + weights)
+        missing = [c for c in hub.WEIGHT_STEMS if not (root / hub._weight_name(c, variant, ".safetensors")).is_file()]
         if missing:  # older repos have pickled weights only (loaded with weights_only=True)
-            snapshot_download(repo_id, revision=revision, local_dir=folder,
-                              allow_patterns=hub.SMALL_FILES + [hub._weight_name(c, variant, ".bin") for c in missing])
-    except Exception as e:
+            root = fetch(hub.SMALL_FILES + [hub._weight_name(c, variant, ".bin") for c in missing])
+    except Exception as e:  # no connection, unknown repo, gated model, offline mode, ...
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CLIError(f"could not download {repo_id}: {reason}") from e
-    if not (folder / "model_index.json").is_file():
+        raise CLIError(f"could not download {repo_id}: {type(e).__name__}: {reason}") from e
+    if not (root / "model_index.json").is_file():
         raise CLIError(f"{repo_id} has no model_index.json: not a diffusers checkpoint")
-    return folder
+    return root
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -360,16 +360,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _model_options(p, variant_help: str) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH_OR_REPO_ID",
                    help=f"checkpoint folder (e.g. made by `minidepth download --dir ...`) or Hugging Face repo id "
@@ -403,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--depth-map", metavar="FILE",
                    help="use this depth map instead of estimating one: grayscale image (8/16-bit, brighter = nearer, "
                         "e.g. the --raw output of `minidepth depth`) or a .npy (H, W) array")
-    g.add_argument("--num-images", type=_positive_int, default=1, metavar="N",
+    g.add_argument("--num-images", type=int, default=1, metavar="N",
                    help="images to generate; several are saved as OUT-1.png, OUT-2.png, ...")
     _model_options(g, "load the half-precision weight files (auto-detected for folders that only have them)")
     g.add_argument("--dtype", choices=list(DTYPES), default="fp32",

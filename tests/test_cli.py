@@ -282,6 +282,40 @@ def test_model_resolution_errors(tmp_path, monkeypatch):
         cli.resolve_model("someone/some-model")
 
 
+def test_download_fetches_only_what_the_pipeline_reads(tmp_path, monkeypatch):
+    """`download` with a stand-in for the Hub (a snapshot_download that copies the matching files of the tiny
+    checkpoint, which has both fp32 and fp16 weight files): the right files land in --dir, and the CLI picks the fp16
+    variant up by itself from a folder that has only those."""
+    import fnmatch
+    import shutil
+
+    import huggingface_hub
+    source = factory.cached_checkpoint("tiny")
+    requests = []
+
+    def fake_snapshot_download(repo_id, revision=None, local_dir=None, allow_patterns=(), **kwargs):
+        requests.append((repo_id, revision))
+        for f in source.rglob("*"):
+            rel = f.relative_to(source).as_posix()
+            if f.is_file() and not rel.startswith(".") and any(fnmatch.fnmatch(rel, p) for p in allow_patterns):
+                (Path(local_dir) / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(f, Path(local_dir) / rel)
+        return str(local_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    for variant, suffix in ((None, ".safetensors"), ("fp16", ".fp16.safetensors")):
+        folder = cli.download("owner/repo", tmp_path / str(variant), variant, "main")
+        weights = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.safetensors"))
+        assert weights == [f"{c}/{stem}{suffix}" for c, stem in (
+            ("depth_estimator", "model"), ("text_encoder", "model"), ("unet", "diffusion_pytorch_model"),
+            ("vae", "diffusion_pytorch_model"))], weights
+        for needed in ("model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json",
+                       "feature_extractor/preprocessor_config.json", "unet/config.json"):
+            assert (folder / needed).is_file(), needed
+        assert cli.detect_variant(folder, "unet", None) == variant
+    assert requests == [("owner/repo", "main")] * 2
+
+
 def test_scheduler_names_exist():
     from minidepth import schedulers
     for name, (cls, overrides) in cli.SCHEDULERS.items():
