@@ -170,6 +170,19 @@ class DPTImageProcessor:
         """A hub `feature_extractor/` folder (preprocessor_config.json)."""
         return cls(DPTProcessorConfig.from_dict(read_json(os.path.join(folder, "preprocessor_config.json"))), **kwargs)
 
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write `preprocessor_config.json` (transformers' DPTImageProcessor reads it too)."""
+        import json
+        c = self.config
+        config = {"image_processor_type": "DPTImageProcessor", "do_resize": c.do_resize,
+                  "size": {"height": c.size[0], "width": c.size[1]}, "resample": c.resample,
+                  "keep_aspect_ratio": c.keep_aspect_ratio, "ensure_multiple_of": c.ensure_multiple_of,
+                  "do_rescale": c.do_rescale, "rescale_factor": c.rescale_factor, "do_normalize": c.do_normalize,
+                  "image_mean": list(c.image_mean), "image_std": list(c.image_std)}
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
+            f.write(json.dumps(config, indent=2) + "\n")
+
     def __call__(self, images) -> torch.Tensor:
         items = image_list(images, "images")
         out = []

@@ -147,7 +147,11 @@ def save_components(components: dict, folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for name in COMPONENT_FOLDERS:
-        components[name].save_pretrained(folder / name)
+        component = components[name]
+        if name == "scheduler":
+            component.save_config(folder / name)  # scheduler_config.json
+        else:
+            component.save_pretrained(folder / name)
     index = dict(MODEL_INDEX, scheduler=["diffusers", type(components["scheduler"]).__name__])
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return folder

@@ -90,6 +90,7 @@ class CLIPTokenizer:
                 raise ValueError(f"{role}_token {token.content!r} is not in the vocabulary")
         self.model_max_length = model_max_length
         self.pad_token_is_special = pad_token_is_special
+        self._vocab, self._merges = vocab, merges  # kept for save_pretrained
         self.bos_token, self.eos_token = specials["bos"].content, specials["eos"].content
         self.unk_token, self.pad_token = specials["unk"].content, specials["pad"].content
         self.bos_token_id, self.eos_token_id = vocab[self.bos_token], vocab[self.eos_token]
@@ -136,6 +137,21 @@ class CLIPTokenizer:
         if not isinstance(max_len, int) or max_len > 10_000:  # transformers writes 1e30 for "no limit"
             raise ValueError(f"{folder}: model_max_length {max_len!r} is not a usable CLIP context length")
         return cls(vocab, merges, **tokens, model_max_length=max_len, pad_token_is_special=pad_token_is_special)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write the hub's `tokenizer/` files (vocab.json, merges.txt, special_tokens_map.json, tokenizer_config.json),
+        readable by `from_pretrained` and by transformers' CLIPTokenizer."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "vocab.json").write_text(json.dumps(self._vocab, ensure_ascii=False), encoding="utf-8")
+        merges = "\n".join(" ".join(pair) for pair in self._merges)
+        (folder / "merges.txt").write_text(f"#version: 0.2\n{merges}\n", encoding="utf-8")
+        tokens = {"bos_token": self.bos_token, "eos_token": self.eos_token, "unk_token": self.unk_token,
+                  "pad_token": self.pad_token}
+        (folder / "special_tokens_map.json").write_text(json.dumps(tokens, indent=2) + "\n")
+        config = {**tokens, "tokenizer_class": "CLIPTokenizer", "model_max_length": self.model_max_length,
+                  "do_lower_case": True, "add_prefix_space": False, "errors": "replace"}
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     @property
     def vocab_size(self) -> int:

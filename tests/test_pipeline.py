@@ -74,10 +74,14 @@ def test_non_square_pil_default_scheduler(pipes):
 
 
 def test_numpy_and_tensor_inputs(pipes):
-    img = np.asarray(photo(64, 64, seed=1), dtype=np.float32) / 255  # square: the reference swaps numpy H and W
+    """Batched NHWC numpy / NCHW tensor inputs match the reference. (It crashes on a single HWC array or CHW tensor,
+    and swaps H and W of non-square numpy input; minidepth takes single images as a batch of one.)"""
+    img = np.asarray(photo(64, 64, seed=1), dtype=np.float32)[None] / 255  # (1, H, W, 3), square
     ours, ref = run_both(pipes, image=img, **BASE)
     assert_close(ours, ref, what="numpy input")
-    t = torch.from_numpy(np.asarray(photo(72, 56, seed=2), dtype=np.float32) / 255).permute(2, 0, 1)
+    single = pipes[0](image=img[0], generator=torch.Generator().manual_seed(0), **BASE).images
+    assert_close(single, ours, tol=0, what="single HWC array vs batch of one")
+    t = torch.from_numpy(np.asarray(photo(72, 56, seed=2), dtype=np.float32) / 255).permute(2, 0, 1)[None]
     ours, ref = run_both(pipes, image=t, **BASE)
     assert_close(ours, ref, what="tensor input")
 
@@ -165,8 +169,8 @@ def test_output_types(pipes, output_type):
 
 def test_prompt_embeds(pipes):
     ours, ref = pipes
-    emb = torch.randn(1, 77, ours.text_encoder.config.hidden_size, generator=torch.Generator().manual_seed(3))
-    neg = torch.randn(1, 77, ours.text_encoder.config.hidden_size, generator=torch.Generator().manual_seed(4))
+    emb = torch.randn(1, 77, ref.text_encoder.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    neg = torch.randn(1, 77, ref.text_encoder.config.hidden_size, generator=torch.Generator().manual_seed(4))
     out = [p(prompt_embeds=emb, negative_prompt_embeds=neg, image=photo(64, 64, 11),
              generator=torch.Generator().manual_seed(0), num_inference_steps=3, output_type="np").images
            for p in (ours, ref)]
@@ -179,7 +183,7 @@ def test_clip_skip_against_hand_built_reference(pipes):
     ids = ref.tokenizer(["a red house"], padding="max_length", max_length=77, truncation=True,
                         return_tensors="pt").input_ids
     hidden = ref.text_encoder(ids, output_hidden_states=True).hidden_states[-(1 + 1)]
-    emb = ref.text_encoder.text_model.final_layer_norm(hidden)
+    emb = ref.text_encoder.final_layer_norm(hidden)  # transformers 5: no `.text_model`
     expected = ref(prompt_embeds=emb, image=photo(64, 64, 12), generator=torch.Generator().manual_seed(0),
                    num_inference_steps=3, output_type="np").images
     got = ours(prompt="a red house", clip_skip=1, image=photo(64, 64, 12), generator=torch.Generator().manual_seed(0),

@@ -36,7 +36,7 @@ from timm.layers import GroupNormAct, StdConv2dSame
 from timm.models.resnetv2 import ResNetV2
 from torch import nn
 
-from ..checkpoints import KeyMap, Rule, build_on_meta, find_weights, load_weights, prefixed, read_json
+from ..checkpoints import KeyMap, Rule, build_on_meta, find_weights, load_weights, prefixed, read_json, save_component
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -115,6 +115,26 @@ class DPTConfig:
                    patch_size=d.get("patch_size", 16), vit_out_indices=tuple(d["backbone_out_indices"][2:]),
                    neck_sizes=tuple(d["neck_hidden_sizes"]), reassemble_factors=tuple(float(f) for f in factors[2:]),
                    fusion_size=d["fusion_hidden_size"])
+
+    def to_dict(self) -> dict:
+        """transformers' DPT config.json for this model (what `from_dict` reads; transformers loads it too)."""
+        return {"architectures": ["DPTForDepthEstimation"], "model_type": "dpt", "is_hybrid": True,
+                "hidden_size": self.hidden_size, "num_hidden_layers": self.num_layers,
+                "num_attention_heads": self.num_heads, "intermediate_size": self.mlp_size, "hidden_act": "gelu",
+                "layer_norm_eps": self.layer_norm_eps, "image_size": self.image_size, "patch_size": self.patch_size,
+                "num_channels": 3, "qkv_bias": True, "readout_type": "project",
+                "backbone_out_indices": [2, 5, *self.vit_out_indices],  # the hybrid reads only the last two
+                "neck_hidden_sizes": list(self.neck_sizes), "neck_ignore_stages": [0, 1],
+                "reassemble_factors": [1, 1, *self.reassemble_factors], "fusion_hidden_size": self.fusion_size,
+                "head_in_index": -1, "use_batch_norm_in_fusion_residual": False,
+                "backbone_featmap_shape": [1, self.stage_widths[-1], self.image_size // self.patch_size,
+                                           self.image_size // self.patch_size],
+                "backbone_config": {"model_type": "bit", "layer_type": "bottleneck", "global_padding": "SAME",
+                                    "embedding_dynamic_padding": True, "hidden_act": "relu",
+                                    "embedding_size": self.stem_width, "num_groups": self.num_groups,
+                                    "depths": list(self.stage_depths),
+                                    "hidden_sizes": [*self.stage_widths, 2 * self.stage_widths[-1]],
+                                    "out_features": [f"stage{i + 1}" for i in range(len(self.stage_depths))]}}
 
 
 # ------------------------------------------------------------------------------------------------ backbone
@@ -326,8 +346,13 @@ class DPTDepthModel(nn.Module):
         folder = os.fspath(folder)
         cfg = DPTConfig.from_dict(read_json(os.path.join(folder, "config.json")))
         model = build_on_meta(lambda: cls(cfg))
-        load_weights(model, find_weights(folder, ("model",), variant), TRANSFORMERS_KEYS, dtype=dtype, device=device)
+        load_weights(model, find_weights(folder, ("model", "pytorch_model"), variant), TRANSFORMERS_KEYS, dtype=dtype,
+                     device=device)
         return model.eval()
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write a transformers `depth_estimator/` folder (config.json + model.safetensors)."""
+        save_component(folder, self.config.to_dict(), self, TRANSFORMERS_KEYS, "model.safetensors")
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -55,6 +55,7 @@ class UNetConfig:
     use_linear_projection: bool = True    # SD2: Linear proj_in/proj_out; SD1: 1x1 convs
     flip_sin_to_cos: bool = True          # timestep embedding order [cos, sin] (LDM), not DDPM's [sin, cos]
     freq_shift: float = 0.0               # frequencies exp(-ln(10000) * i / (half - freq_shift))
+    sample_size: int = 32                 # metadata only (the config's nominal latent size); any size works
 
     def __post_init__(self):
         n = len(self.block_out_channels)
@@ -115,7 +116,8 @@ class UNetConfig:
                    layers_per_block=d["layers_per_block"], transformer_depth=depth,
                    cross_attention_dim=d["cross_attention_dim"], norm_num_groups=d.get("norm_num_groups", 32),
                    norm_eps=d.get("norm_eps", 1e-5), use_linear_projection=d.get("use_linear_projection", False),
-                   flip_sin_to_cos=d.get("flip_sin_to_cos", True), freq_shift=d.get("freq_shift", 0))
+                   flip_sin_to_cos=d.get("flip_sin_to_cos", True), freq_shift=d.get("freq_shift", 0),
+                   sample_size=d.get("sample_size") or 32)
 
     def to_dict(self) -> dict:
         """diffusers' `unet/config.json` for this model (what `from_dict` reads back; diffusers loads it too)."""
@@ -127,7 +129,8 @@ class UNetConfig:
                 "layers_per_block": self.layers_per_block, "transformer_layers_per_block": self.transformer_depth,
                 "cross_attention_dim": self.cross_attention_dim, "norm_num_groups": self.norm_num_groups,
                 "norm_eps": self.norm_eps, "use_linear_projection": self.use_linear_projection,
-                "flip_sin_to_cos": self.flip_sin_to_cos, "freq_shift": self.freq_shift}
+                "flip_sin_to_cos": self.flip_sin_to_cos, "freq_shift": self.freq_shift,
+                "sample_size": self.sample_size}
 
 
 # ------------------------------------------------------------------------------------------------ time embedding

@@ -2,7 +2,7 @@
 
 One step from t to the previous inference timestep t' (eq. (12)), with a_t = alpha_bar_t:
     x_0  = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)
-    x_t' = sqrt(a_t') x_0 + sqrt(1 - a_t' - s_t^2) eps + s_t z,     s_t = eta * sqrt((1 - a_t')/(1 - a_t) (1 - a_t/a_t'))
+    x_t' = sqrt(a_t') x_0 + sqrt(1 - a_t' - s_t^2) eps + s_t z,   s_t = eta sqrt((1 - a_t')/(1 - a_t) (1 - a_t/a_t'))
 eta = 0 is deterministic DDIM, eta = 1 is DDPM-like ancestral sampling (eq. (16)).
 """
 

@@ -43,7 +43,7 @@ class DDPMScheduler(Scheduler):
         return torch.tensor(-1) if index == self.timesteps.shape[0] - 1 else self.timesteps[index + 1]
 
     def _variance(self, t, predicted_variance=None):
-        """The noise scale term of eq. (6)-(7) for each `variance_type` (a log-variance for the *_log / learned_range)."""
+        """The noise term's scale, eqs. (6)-(7), for each `variance_type` (a log-variance for *_log, learned_range)."""
         prev_t = self.previous_timestep(t)
         alpha_prod_t = self.alphas_cumprod[t]
         alpha_prod_t_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.one

@@ -11,8 +11,9 @@ Order 1 is the DDIM step. The closed forms of C_j are `_integral_order2` / `_int
 import numpy as np
 import torch
 
-from .common import BETA_SCHEDULES, SPACINGS, SchedulerOutput, VPSolverScheduler
+from .common import BETA_SCHEDULES, SPACINGS, SchedulerOutput
 from .dpmsolver import PREDICTION_TYPES, combine, dpm_solver_coefficients
+from .families import VPSolverScheduler
 
 
 def _log(x: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """DPM-Solver / DPM-Solver++ multistep (Lu et al. 2022a, https://arxiv.org/abs/2206.00927; Lu et al. 2022b,
 https://arxiv.org/abs/2211.01095), including the SDE variants. "DPM++ 2M" is the default (order 2, dpmsolver++).
 
-The diffusion ODE is solved exactly in its linear part, in half-log-SNR lambda = log(alpha / sigma). For a step from s to
-t (h = lambda_t - lambda_s) with data predictions D0 (current) and finite differences D1, D2 of earlier ones:
+The diffusion ODE is solved exactly in its linear part, in half-log-SNR lambda = log(alpha / sigma). For a step from
+s to t (h = lambda_t - lambda_s) with data predictions D0 (current) and finite differences D1, D2 of earlier ones:
     dpmsolver++ (Lu et al. 2022b, eq. (9)-(10), Alg. 2):  x_t = sigma_t/sigma_s x_s - alpha_t (e^-h - 1) D0 + ...
     dpmsolver   (Lu et al. 2022a, eq. (3.7), noise prediction):  x_t = alpha_t/alpha_s x_s - sigma_t (e^h - 1) eps + ...
     sde-dpmsolver++ (Lu et al. 2022b, Sec. 5 / Appendix): x_t = sigma_t/sigma_s e^-h x_s + alpha_t (1 - e^-2h) D0
@@ -13,8 +13,8 @@ The higher-order terms use D1 with the "midpoint" (1/2 phi_1) or "heun" (phi_2) 
 import numpy as np
 import torch
 
-from .common import (BETA_SCHEDULES, SPACINGS, SchedulerOutput, VPSolverScheduler, dynamic_threshold, randn_tensor,
-                     sigma_to_t, train_sigmas)
+from .common import BETA_SCHEDULES, SPACINGS, SchedulerOutput, dynamic_threshold, randn_tensor, sigma_to_t, train_sigmas
+from .families import VPSolverScheduler
 
 ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")

@@ -10,8 +10,9 @@ order (D1, D2 as in dpmsolver.py, but measured from the block's start). Same upd
 import numpy as np
 import torch
 
-from .common import BETA_SCHEDULES, SchedulerOutput, VPSolverScheduler, randn_tensor, spaced_timesteps
+from .common import BETA_SCHEDULES, SchedulerOutput, randn_tensor, spaced_timesteps
 from .dpmsolver import PREDICTION_TYPES, combine, dpm_solver_coefficients
+from .families import VPSolverScheduler
 
 
 class DPMSolverSinglestepScheduler(VPSolverScheduler):

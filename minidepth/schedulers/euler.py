@@ -11,7 +11,8 @@ sigma_down^2 = sigma_{i+1}^2 - sigma_up^2, so the marginal std at sigma_{i+1} is
 import numpy as np
 import torch
 
-from .common import BETA_SCHEDULES, SPACINGS, SchedulerOutput, SigmaScheduler, randn_tensor
+from .common import BETA_SCHEDULES, SPACINGS, SchedulerOutput, randn_tensor
+from .families import SigmaScheduler
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 

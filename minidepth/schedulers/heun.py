@@ -10,7 +10,8 @@ The last step, to sigma = 0, still runs both stages (diffusers; Karras et al. sk
 import numpy as np
 import torch
 
-from .common import BETA_SCHEDULES, SPACINGS, SchedulerOutput, SigmaScheduler
+from .common import BETA_SCHEDULES, SPACINGS, SchedulerOutput
+from .families import SigmaScheduler
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 

@@ -12,7 +12,8 @@ The ancestral variant steps to sigma_down instead of sigma_{i+1} and adds sigma_
 import numpy as np
 import torch
 
-from .common import BETA_SCHEDULES, SPACINGS, SchedulerOutput, SigmaScheduler, randn_tensor
+from .common import BETA_SCHEDULES, SPACINGS, SchedulerOutput, randn_tensor
+from .families import SigmaScheduler
 from .heun import repeat_inner
 
 

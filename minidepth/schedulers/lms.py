@@ -1,9 +1,10 @@
 """LMS: linear multistep sampling on the probability-flow ODE in sigma (Karras et al. 2022, Sec. 3, after
 k-diffusion's `sample_lms`).
 
-With the derivative d_i = (x_i - x0_i) / sigma_i (= the noise estimate), the ODE is dx/dsigma = d. A step from sigma_i to
-sigma_{i+1} integrates the Lagrange polynomial through the last `order` derivatives (Adams-Bashforth):
-    x_{i+1} = x_i + sum_j c_j d_{i-j},   c_j = integral_{sigma_i}^{sigma_{i+1}} prod_{k != j} (s - sigma_{i-k}) / (sigma_{i-j} - sigma_{i-k}) ds
+With the derivative d_i = (x_i - x0_i) / sigma_i (= the noise estimate), the ODE is dx/dsigma = d. A step from
+sigma_i to sigma_{i+1} integrates the Lagrange polynomial through the last `order` derivatives (Adams-Bashforth):
+    x_{i+1} = x_i + sum_j c_j d_{i-j},
+    c_j = integral over s from sigma_i to sigma_{i+1} of prod_{k != j} (s - sigma_{i-k}) / (sigma_{i-j} - sigma_{i-k})
 diffusers integrates c_j numerically with scipy.integrate.quad; the integrand is a polynomial of degree <= 3, so we
 integrate it exactly in closed form (no scipy), which matches quad to float rounding.
 """
@@ -11,7 +12,8 @@ integrate it exactly in closed form (no scipy), which matches quad to float roun
 import numpy as np
 import torch
 
-from .common import BETA_SCHEDULES, SPACINGS, SchedulerOutput, SigmaScheduler
+from .common import BETA_SCHEDULES, SPACINGS, SchedulerOutput
+from .families import SigmaScheduler
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 

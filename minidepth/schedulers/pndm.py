@@ -122,5 +122,6 @@ class PNDMScheduler(Scheduler):
         if self.config.prediction_type == "v_prediction":
             model_output = (alpha_prod_t**0.5) * model_output + (beta_prod_t**0.5) * sample
         sample_coeff = (alpha_prod_t_prev / alpha_prod_t) ** (0.5)
-        denominator = alpha_prod_t * beta_prod_t_prev ** (0.5) + (alpha_prod_t * beta_prod_t * alpha_prod_t_prev) ** (0.5)
+        denominator = (alpha_prod_t * beta_prod_t_prev ** (0.5)
+                       + (alpha_prod_t * beta_prod_t * alpha_prod_t_prev) ** (0.5))
         return sample_coeff * sample - (alpha_prod_t_prev - alpha_prod_t) * model_output / denominator

@@ -1,8 +1,8 @@
 """UniPC: unified predictor-corrector (Zhao et al. 2023, https://arxiv.org/abs/2302.04867).
 
 Each step first CORRECTS the sample it just reached (UniC, using the model output that was just computed there, at no
-extra model cost), then PREDICTS the next one (UniP). Both are exponential-integrator updates in lambda = log(alpha/sigma)
-with h = lambda_t - lambda_s (data prediction, predict_x0=True, shown):
+extra model cost), then PREDICTS the next one (UniP). Both are exponential-integrator updates in
+lambda = log(alpha / sigma) with h = lambda_t - lambda_s (data prediction, predict_x0=True, shown):
     x_t = sigma_t/sigma_s x_s - alpha_t h phi_1 m_s - alpha_t B(h) sum_k a_k D_k,    D_k = (m_k - m_s) / r_k
 where r_k are the earlier steps' lambda offsets over h and the weights a solve R a = b with R_ik = r_k^(i-1),
 b_i = phi_(i+1)(h) i! / B(h) (Zhao et al. 2023, Sec. 3.2-3.3). B(h) = h ("bh1") or e^h - 1 ("bh2"). Orders 1 and 2
@@ -12,8 +12,9 @@ use the fixed weight a = 1/2 instead of solving.
 import numpy as np
 import torch
 
-from .common import BETA_SCHEDULES, SPACINGS, SchedulerOutput, VPSolverScheduler
+from .common import BETA_SCHEDULES, SPACINGS, SchedulerOutput
 from .dpmsolver import PREDICTION_TYPES
+from .families import VPSolverScheduler
 
 
 class UniPCMultistepScheduler(VPSolverScheduler):
@@ -36,7 +37,8 @@ class UniPCMultistepScheduler(VPSolverScheduler):
     def __init__(self, **config):
         super().__init__(**config)
         if not isinstance(self.config.solver_order, int) or self.config.solver_order < 1:
-            raise ValueError(f"UniPCMultistepScheduler: solver_order must be an integer >= 1, got {self.config.solver_order!r}")
+            raise ValueError("UniPCMultistepScheduler: solver_order must be an integer >= 1, "
+                             f"got {self.config.solver_order!r}")
         self.last_sample = None  # the sample the last prediction started from (for the corrector)
         self.this_order = None
 
@@ -101,7 +103,8 @@ class UniPCMultistepScheduler(VPSolverScheduler):
         elif fixed:
             rhos = torch.ones(1, dtype=x.dtype) * 0.5
         else:
-            rhos = (torch.linalg.solve(R[:-1, :-1], b[:-1]) if model_t is None else torch.linalg.solve(R, b)).to(x.dtype)
+            rhos = torch.linalg.solve(R[:-1, :-1], b[:-1]) if model_t is None else torch.linalg.solve(R, b)
+            rhos = rhos.to(x.dtype)
         # 3. the exponential-integrator step plus the weighted differences
         if self.config.predict_x0:
             x_t, scale = sigma_t / sigma_s0 * x - alpha_t * h_phi_1 * m0, alpha_t * b_h
