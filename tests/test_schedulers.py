@@ -18,8 +18,6 @@ import copy
 import functools
 import inspect
 import json
-import logging
-import os
 import subprocess
 import sys
 from collections import defaultdict
