@@ -135,6 +135,11 @@ def quiet_diffusers():
             print(f"  {name:34s} {count:5d}  {err:.3g}")
 
 
+def record(key: str, err: float) -> None:
+    STATS[key][0] += 1
+    STATS[key][1] = max(STATS[key][1], err)
+
+
 def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Max abs difference; non-finite entries (e.g. eps-prediction at zero terminal SNR) must match exactly."""
     if torch.equal(a, b):  # the usual case: bit for bit
@@ -205,6 +210,7 @@ def run_pair(name: str, config: dict, n: int, mode: str, step_kwargs: dict, tol:
         except (ValueError, IndexError):  # only where diffusers fails too (e.g. stepping past the schedule
             with pytest.raises(Exception):  # after a timestep lookup landed on a duplicated Karras timestep)
                 ref.step(fake_denoiser(ref.scale_model_input(xb, t), t), t, xb, **kb)
+            STATS["(trajectories where both raise mid-way)"][0] += 1
             return worst
         ib = ref.scale_model_input(xb, t)
         worst = max(worst, _check("scale_model_input", ia, ib, tol, at))
@@ -265,9 +271,7 @@ def test_trajectory_matches_diffusers(name, overrides, step_kwargs, spacing, pre
             continue
         for n in STEPS:
             for mode in ("full", "img2img"):
-                err = run_pair(name, config, n, mode, step_kwargs)
-                STATS[name][0] += 1
-                STATS[name][1] = max(STATS[name][1], err)
+                record(name, run_pair(name, config, n, mode, step_kwargs))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -292,14 +296,16 @@ def test_lms_coefficients_match_scipy_quad(spacing, karras):
 
 @pytest.mark.parametrize("prediction", PREDICTIONS)
 def test_lms_trajectory_matches_real_diffusers(prediction):
-    # Relative tolerance: the reference's float32 quadrature noise (~3e-7 per coefficient) times derivatives that
-    # reach |x| / sigma at small sigma; measured worst 1.2e-5 relative to max(1, |x|).
+    # Looser than MAX_ABS_ERROR on purpose: the reference's coefficients carry float32 quadrature noise (~3e-7 abs,
+    # see above) which the derivatives multiply (up to |x| / sigma ~ 30 at small sigma, |x| up to ~15 at the start).
+    # Measured worst: 2.5e-5 (x-prediction, N=50, Karras sigmas); everything else agrees bit for bit (grid test).
     for spacing in SPACINGS:
         for karras in (False, True):
             config = {**SD2_CONFIG, "timestep_spacing": spacing, "prediction_type": prediction,
                       "use_karras_sigmas": karras}
-            for n in (10, 50):
-                run_pair("LMSDiscreteScheduler", config, n, "full", {}, tol=3e-5 * 15)
+            for n, mode in ((50, "full"), (10, "img2img")):
+                record("LMSDiscreteScheduler vs scipy quad", run_pair("LMSDiscreteScheduler", config, n, mode, {},
+                                                                      tol=1e-4))
 
 
 def test_no_scipy_at_run_time():
@@ -341,6 +347,15 @@ def test_step_signatures_and_tuple_outputs_match_diffusers():
         assert isinstance(a, tuple) and len(a) == len(b), name
         for u, v in zip(a, b):
             _check("tuple output", u, v, MAX_ABS_ERROR, name)
+
+
+def test_schedulers_copy_and_pickle():
+    import pickle
+
+    s = ms.UniPCMultistepScheduler.from_config(SD2_CONFIG)
+    s.set_timesteps(4)
+    for clone in (copy.deepcopy(s), pickle.loads(pickle.dumps(s))):
+        assert clone.config == s.config and torch.equal(clone.timesteps, s.timesteps)
 
 
 def test_randn_tensor_matches_diffusers():

@@ -234,10 +234,13 @@ class SchedulerConfig(Mapping):
         return len(self._values)
 
     def __getattr__(self, name):
-        try:
-            return self._values[name]
-        except KeyError:
-            raise AttributeError(f"scheduler config has no {name!r}") from None
+        values = self.__dict__.get("_values", {})  # not self._values: copy/pickle call this before __init__
+        if name in values:
+            return values[name]
+        raise AttributeError(f"scheduler config has no {name!r}")
+
+    def __reduce__(self):  # copy / pickle
+        return SchedulerConfig, (self._values,)
 
     def __setattr__(self, name, value):
         raise AttributeError("a scheduler config is read-only: build a new one, e.g. "

@@ -2,11 +2,13 @@
 https://arxiv.org/abs/2211.01095), including the SDE variants. "DPM++ 2M" is the default (order 2, dpmsolver++).
 
 The diffusion ODE is solved exactly in its linear part, in half-log-SNR lambda = log(alpha / sigma). For a step from
-s to t (h = lambda_t - lambda_s) with data predictions D0 (current) and finite differences D1, D2 of earlier ones:
-    dpmsolver++ (Lu et al. 2022b, eq. (9)-(10), Alg. 2):  x_t = sigma_t/sigma_s x_s - alpha_t (e^-h - 1) D0 + ...
-    dpmsolver   (Lu et al. 2022a, eq. (3.7), noise prediction):  x_t = alpha_t/alpha_s x_s - sigma_t (e^h - 1) eps + ...
-    sde-dpmsolver++ (Lu et al. 2022b, Sec. 5 / Appendix): x_t = sigma_t/sigma_s e^-h x_s + alpha_t (1 - e^-2h) D0
-                                                            + ... + sigma_t sqrt(1 - e^-2h) z
+s to t (h = lambda_t - lambda_s) with the model's current prediction D0 and finite differences D1, D2 of earlier ones:
+    dpmsolver++ (data prediction, Lu et al. 2022b; 2M = Algorithm 2):
+        x_t = sigma_t/sigma_s x_s - alpha_t (e^-h - 1) D0 + ...
+    dpmsolver (noise prediction, Lu et al. 2022a; first order = DDIM):
+        x_t = alpha_t/alpha_s x_s - sigma_t (e^h - 1) eps + ...
+    sde-dpmsolver++ (the SDE solver of Lu et al. 2022b):
+        x_t = sigma_t/sigma_s e^-h x_s + alpha_t (1 - e^-2h) D0 + ... + sigma_t sqrt(1 - e^-2h) z
 The higher-order terms use D1 with the "midpoint" (1/2 phi_1) or "heun" (phi_2) weights and, at order 3, D2.
 """
 
@@ -89,7 +91,7 @@ class DPMSolverMultistepScheduler(VPSolverScheduler):
         last = (c.num_train_timesteps - clipped_idx).numpy().item()
         timesteps = self._spaced_timesteps(n, solver_grid=True, last=last).astype(np.int64)
         round_karras = c.beta_schedule != "squaredcos_cap_v2"
-        if c.use_lu_lambdas:  # evenly spaced in log sigma over the training range (Lu et al. 2022b)
+        if c.use_lu_lambdas and self._sigma_kind() is None:  # evenly spaced in log sigma over the training range
             log_sigmas = np.log(train_sigmas(self.alphas_cumprod).numpy())
             lambdas = np.flip(log_sigmas.copy())
             lo, hi = lambdas[-1].item(), lambdas[0].item()

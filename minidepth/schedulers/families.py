@@ -76,7 +76,8 @@ class VPSolverScheduler(Scheduler):
         self.sigma_t = torch.sqrt(1 - self.alphas_cumprod)
         self.lambda_t = torch.log(self.alpha_t) - torch.log(self.sigma_t)
         self.sigmas = train_sigmas(self.alphas_cumprod)
-        self.model_outputs = [None] * self._config["solver_order"]
+        self.model_outputs = [None] * self._config["solver_order"]  # the last solver_order outputs, newest last
+        self.lower_order_nums = 0  # steps taken so far, capped at solver_order: the warm-up of multistep solvers
 
     @staticmethod
     def _alpha_sigma(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
