@@ -145,6 +145,7 @@ class StableDiffusionDepth2ImgPipeline:
         self._progress_bar_config = kwargs
 
     # ------------------------------------------------------------------------------------------ the steps
+    @torch.no_grad()
     def encode_prompt(self, prompt, num_images_per_prompt: int = 1, do_classifier_free_guidance: bool = True,
                       negative_prompt=None, prompt_embeds: torch.Tensor | None = None,
                       negative_prompt_embeds: torch.Tensor | None = None, clip_skip: int | None = None):
@@ -187,6 +188,7 @@ class StableDiffusionDepth2ImgPipeline:
         hidden = self.text_encoder(ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
         return self.text_encoder.final_layer_norm(hidden)
 
+    @torch.no_grad()
     def prepare_depth_map(self, image, depth_map, batch_size: int, do_classifier_free_guidance: bool,
                           dtype: torch.dtype, *, nan_safe: bool = True) -> torch.Tensor:
         """The depth channel for the UNet, (B [x2 with CFG], 1, h, w) in [-1, 1]; estimated by the DPT model from the
@@ -213,6 +215,7 @@ class StableDiffusionDepth2ImgPipeline:
             self.scheduler.set_begin_index(t_start * self.scheduler.order)
         return timesteps, num_inference_steps - t_start
 
+    @torch.no_grad()
     def prepare_latents(self, image: torch.Tensor, timestep: torch.Tensor, batch_size: int,
                         num_images_per_prompt: int, dtype: torch.dtype, generator=None) -> torch.Tensor:
         """Encode the image (random draw 1: the posterior sample), scale, tile to the batch, and noise it to
@@ -237,6 +240,7 @@ class StableDiffusionDepth2ImgPipeline:
         noise = randn_tensor(latents.shape, generator=generator, device=device, dtype=dtype)
         return self.scheduler.add_noise(latents, noise, timestep)
 
+    @torch.no_grad()
     def denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor,
                 depth_mask: torch.Tensor, *, guidance_scale: float = 7.5, negative_prompt_embeds=None,
                 num_inference_steps: int | None = None, extra_step_kwargs: dict | None = None,
@@ -275,6 +279,7 @@ class StableDiffusionDepth2ImgPipeline:
                         callback(i // getattr(self.scheduler, "order", 1), t, latents)
         return latents
 
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor, output_type: str = "pil"):
         """Latents -> images of `output_type` ("latent" returns the latents unchanged)."""
         if output_type == "latent":

@@ -26,8 +26,9 @@ def check_call_arguments(pipe, *, prompt, image, strength, num_inference_steps, 
                          depth_map):
     """Everything the reference checks, plus what it lets through to a deep crash, a NaN image or a silent no-op."""
     from .image_processing import OUTPUT_TYPES, is_latents
-    if image is None:
-        raise ValueError("`image` is required: pass a PIL image, a numpy array, a torch tensor or a list of them")
+    if image is None or (isinstance(image, (list, tuple)) and len(image) == 0):
+        raise ValueError("`image` is required: pass a PIL image, a numpy array, a torch tensor or a non-empty list "
+                         f"of them; got {image!r}")
     if not isinstance(strength, numbers.Real) or not 0 <= strength <= 1:
         _fail("strength", strength, "a number in [0, 1]")
     if not isinstance(num_inference_steps, numbers.Integral) or isinstance(num_inference_steps, bool) \
