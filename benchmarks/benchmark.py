@@ -47,10 +47,10 @@ NAMES = ("minidepth", "diffusers")
 
 # ------------------------------------------------------------------------------------------------ measuring
 class Probe:
-    """Times the stages of one pipeline (wrapping its steps on the instance) and counts the FLOPs of one UNet call."""
+    """Times the stages of one pipeline, wrapping its steps on the instance."""
 
     def __init__(self, pipe, device: torch.device):
-        self.device, self.times, self.unet_flops, self._count_flops = device, {}, None, False
+        self.device, self.times = device, {}
         self._wrap(pipe, "encode_prompt", "text encode")
         self._wrap(pipe, "prepare_depth_map", "depth estimate")
         self._wrap(pipe.vae, "encode", "VAE encode")
@@ -65,12 +65,6 @@ class Probe:
         inner = getattr(obj, attr)
 
         def timed(*args, **kwargs):
-            if stage == "UNet step" and self._count_flops:
-                self._count_flops = False
-                with flop_counter() as counter:
-                    out = inner(*args, **kwargs)
-                self.unet_flops = counter.get_total_flops()
-                return out
             self.sync()
             start = time.perf_counter()
             try:
@@ -81,8 +75,8 @@ class Probe:
 
         setattr(obj, attr, timed)
 
-    def start(self, count_flops: bool = False):
-        self.times, self._count_flops = {}, count_flops
+    def start(self):
+        self.times = {}
 
 
 def flop_counter():
@@ -95,6 +89,26 @@ def flop_counter():
     if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
         extra[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = cpu_flash
     return FlopCounterMode(display=False, custom_mapping=extra)
+
+
+def unet_flops(checkpoint: Path, size: int, batch: int) -> dict[str, int]:
+    """FLOPs of one UNet call on a (batch, 5, size/8, size/8) input, counted on the META device (shapes only, no
+    compute, no memory), for both implementations built from the checkpoint's unet/config.json."""
+    import diffusers
+    from minidepth.checkpoints import build_on_meta
+    from minidepth.models.unet import UNet, UNetConfig
+    config = json.loads((checkpoint / "unet" / "config.json").read_text())
+    with torch.device("meta"):
+        reference = diffusers.UNet2DConditionModel.from_config(config)
+    models = {"minidepth": build_on_meta(lambda: UNet(UNetConfig.from_dict(config))), "diffusers": reference}
+    x = torch.empty(batch, config["in_channels"], size // 8, size // 8, device="meta")
+    context = torch.empty(batch, 77, config["cross_attention_dim"], device="meta")
+    flops = {}
+    for name, model in models.items():
+        with flop_counter() as counter:
+            model(x, torch.tensor(500, device="meta"), encoder_hidden_states=context)
+        flops[name] = counter.get_total_flops()
+    return flops
 
 
 def _status_mb(field: str) -> float:
@@ -189,7 +203,7 @@ def worker(args) -> None:
             reply.write("{}\n")
         elif request["cmd"] == "run":
             image = photo(request["size"])
-            probe.start(request["count_flops"])
+            probe.start()
             probe.sync()
             start = time.perf_counter()
             out = pipe(prompt=args.prompt, image=image, strength=args.strength, num_inference_steps=args.steps,
@@ -199,8 +213,7 @@ def worker(args) -> None:
             total = time.perf_counter() - start
             np.save(request["out"], np.asarray(out.images[0], dtype=np.float32))
             stages = {k: sum(t) / len(t) if k == "UNet step" else sum(t) for k, t in probe.times.items()}
-            reply.write(json.dumps({"total": total, "peak_mb": memory.peak(), "flops": probe.unet_flops,
-                                    **stages}) + "\n")
+            reply.write(json.dumps({"total": total, "peak_mb": memory.peak(), **stages}) + "\n")
 
 
 class Worker:
@@ -241,7 +254,7 @@ def table(size: int, results: dict, flops: dict, peaks: dict, peak_gflops: float
     rows.append(row("end to end (s)", med("minidepth", "total"), med("diffusers", "total"), "{:.3f}"))
     rows.append(row(f"peak {'RSS' if args.device == 'cpu' else 'allocated'} (MB)", peaks["minidepth"],
                     peaks["diffusers"], "{:.0f}"))
-    gflops = {n: (flops[n] or 0) / med(n, "UNet step") / 1e9 for n in NAMES}
+    gflops = {n: flops[n] / med(n, "UNet step") / 1e9 for n in NAMES}
     rows.append(row("UNet GFLOP/s", gflops["minidepth"], gflops["diffusers"], "{:.1f}"))
     rows.append(("  share of matmul peak", f"{100 * gflops['minidepth'] / peak_gflops:.0f}%",
                  f"{100 * gflops['diffusers'] / peak_gflops:.0f}%", ""))
@@ -252,8 +265,9 @@ def table(size: int, results: dict, flops: dict, peaks: dict, peak_gflops: float
              "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     lines += ["| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
               for r in rows[1:]]
-    lines += ["", f"One UNet call (batch 2 with guidance): {(flops['minidepth'] or 0) / 1e9:.1f} GFLOP counted on "
-                  f"minidepth, {(flops['diffusers'] or 0) / 1e9:.1f} on diffusers; matmul peak {peak_gflops:.1f} "
+    batch = 2 if args.guidance > 1 else 1
+    lines += ["", f"One UNet call (batch {batch}): {flops['minidepth'] / 1e9:.1f} GFLOP counted on "
+                  f"minidepth, {flops['diffusers'] / 1e9:.1f} on diffusers; matmul peak {peak_gflops:.1f} "
                   f"GFLOP/s. Max pixel difference |minidepth - diffusers| = {pixel_diff:.2e} of the [0, 1] range "
                   f"({pixel_diff * 255:.3f} / 255)."]
     return "\n".join(lines)
@@ -262,12 +276,15 @@ def table(size: int, results: dict, flops: dict, peaks: dict, peak_gflops: float
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="square image sizes (multiples of 8)")
-    p.add_argument("--steps", type=int, default=2, help="num_inference_steps")
+    p.add_argument("--steps", type=int, default=1,
+                   help="num_inference_steps (PNDM, the checkpoint's scheduler, makes N+1 UNet calls for N > 1)")
     p.add_argument("--strength", type=float, default=1.0, help="1.0 runs every step of the schedule")
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--runs", type=int, default=2, help="timed runs per pipeline and size, after one warm-up each")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    p.add_argument("--warmup-every-size", action="store_true",
+                   help="a warm-up run at every size (default: one per pipeline, at the first size)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt", default="a stone bridge over a river, evening light")
     p.add_argument("--checkpoint", type=Path, help="checkpoint folder (default: the random-weight official-size one)")
@@ -296,18 +313,21 @@ def main(argv=None) -> int:
         peak_gflops = matmul_peak_gflops(device, dtype)
         print(f"matmul peak: {peak_gflops:.1f} GFLOP/s ({args.dtype})", file=sys.stderr)
         with tempfile.TemporaryDirectory() as tmp:
+            for name in NAMES:  # warm-up at the first size: pages the weights in, grows the allocators
+                warm = workers[name](cmd="run", size=args.sizes[0], out=f"{tmp}/{name}-warm.npy")
+                print(f"{name} warm-up ({args.sizes[0]}x{args.sizes[0]}): {warm['total']:.1f} s", file=sys.stderr)
             for size in args.sizes:
-                results, flops, images = {n: [] for n in NAMES}, {}, {n: [] for n in NAMES}
-                for name in NAMES:  # warm-up, which also counts the UNet FLOPs
+                if size != args.sizes[0] and args.warmup_every_size:
+                    for name in NAMES:
+                        workers[name](cmd="run", size=size, out=f"{tmp}/{name}-warm.npy")
+                flops = unet_flops(args.checkpoint, size, 2 if args.guidance > 1 else 1)
+                results, images = {n: [] for n in NAMES}, {n: [] for n in NAMES}
+                for name in NAMES:
                     workers[name](cmd="reset_peak")
-                    warm = workers[name](cmd="run", size=size, count_flops=True, out=f"{tmp}/{name}-warm.npy")
-                    flops[name] = warm["flops"]
-                    print(f"{size}: {name} warm-up {warm['total']:.1f} s", file=sys.stderr)
                 for run in range(args.runs):
                     for name in NAMES if run % 2 == 0 else NAMES[::-1]:
-                        images[name].append(f"{tmp}/{name}-{run}.npy")
-                        results[name].append(workers[name](cmd="run", size=size, count_flops=False,
-                                                           out=images[name][-1]))
+                        images[name].append(f"{tmp}/{name}-{size}-{run}.npy")
+                        results[name].append(workers[name](cmd="run", size=size, out=images[name][-1]))
                         print(f"{size}: {name} run {run + 1}: {results[name][-1]['total']:.2f} s", file=sys.stderr)
                 peaks = {n: max(r["peak_mb"] for r in results[n]) for n in NAMES}
                 pixel_diff = max(float(np.abs(np.load(a).astype(np.float64) - np.load(b)).max())
