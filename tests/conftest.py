@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import factory
+import parity
 
 
 def pytest_collection_modifyitems(config, items):
@@ -22,6 +23,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter):
+    lines = parity.summary_lines()
+    if lines:
+        terminalreporter.write_sep("=", "measured parity (minidepth vs diffusers/transformers)")
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 def pytest_sessionfinish(session, exitstatus):

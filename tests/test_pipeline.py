@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import factory
+import parity
 from minidepth import StableDiffusionDepth2ImgPipeline
 from minidepth import schedulers as ours_schedulers
 
@@ -30,6 +31,7 @@ def assert_close(ours, ref, tol=TOL, what="images"):
     assert ours.shape == ref.shape, f"{what}: shape {ours.shape} != reference {ref.shape}"
     assert np.isfinite(ours).all(), f"{what}: non-finite values"
     diff = np.abs(ours - ref)
+    parity.record(what, float(diff.max()), float(diff.mean()))
     assert diff.max() <= tol, f"{what}: max abs diff {diff.max():.3g} (mean {diff.mean():.3g}) > {tol}"
 
 
