@@ -50,13 +50,16 @@ VARIANTS = {
                       ("clip+alpha1+zerosnr", {"clip_sample": True, "set_alpha_to_one": True,
                                                "rescale_betas_zero_snr": True}, {"eta": 0.3}),
                       ("threshold", {"thresholding": True, "sample_max_value": 1.5}, {})],
-    "DDPMScheduler": [("plain", {}, {}), ("fixed_large+clip", {"variance_type": "fixed_large", "clip_sample": True}, {}),
+    "DDPMScheduler": [("plain", {}, {}),
+                      ("fixed_large+clip", {"variance_type": "fixed_large", "clip_sample": True}, {}),
                       ("small_log+zerosnr", {"variance_type": "fixed_small_log", "rescale_betas_zero_snr": True}, {}),
                       ("threshold", {"thresholding": True, "sample_max_value": 1.5}, {})],
-    "PNDMScheduler": [("plain", {}, {}), ("prk", {"skip_prk_steps": False}, {}), ("alpha1", {"set_alpha_to_one": True}, {})],
+    "PNDMScheduler": [("plain", {}, {}), ("prk", {"skip_prk_steps": False}, {}),
+                      ("alpha1", {"set_alpha_to_one": True}, {})],
     "LMSDiscreteScheduler": [("plain", {}, {}), ("exponential", {"use_exponential_sigmas": True}, {})],
     "EulerDiscreteScheduler": [("plain", {}, {}), ("churn", {}, {"s_churn": 1.0}),
-                               ("sigma_min+zerosnr", {"final_sigmas_type": "sigma_min", "rescale_betas_zero_snr": True}, {}),
+                               ("sigma_min+zerosnr",
+                                {"final_sigmas_type": "sigma_min", "rescale_betas_zero_snr": True}, {}),
                                ("exponential", {"use_exponential_sigmas": True}, {}),
                                ("log_linear", {"interpolation_type": "log_linear"}, {}),
                                ("continuous", {"timestep_type": "continuous"}, {})],
@@ -71,7 +74,8 @@ VARIANTS = {
         ("dpmsolver", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}, {}),
         ("dpmsolver-heun-o3", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min", "solver_order": 3,
                                "solver_type": "heun"}, {}),
-        ("sde-dpmsolver", {"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min", "solver_type": "heun"}, {}),
+        ("sde-dpmsolver", {"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min",
+                           "solver_type": "heun"}, {}),
         ("euler_at_final", {"euler_at_final": True, "lower_order_final": False, "final_sigmas_type": "sigma_min"}, {}),
         ("lu+order1", {"use_lu_lambdas": True, "solver_order": 1}, {}),
         ("threshold+zerosnr", {"thresholding": True, "sample_max_value": 1.5, "rescale_betas_zero_snr": True}, {}),
@@ -86,10 +90,12 @@ VARIANTS = {
     "DEISMultistepScheduler": [("plain", {}, {}), ("order3", {"solver_order": 3}, {}),
                                ("order3-no-lower-final", {"solver_order": 3, "lower_order_final": False}, {}),
                                ("threshold", {"thresholding": True, "sample_max_value": 1.5}, {})],
-    "UniPCMultistepScheduler": [("plain", {}, {}), ("order3", {"solver_order": 3}, {}), ("bh1", {"solver_type": "bh1"}, {}),
+    "UniPCMultistepScheduler": [("plain", {}, {}), ("order3", {"solver_order": 3}, {}),
+                                ("bh1", {"solver_type": "bh1"}, {}),
                                 ("noise-pred-o3", {"predict_x0": False, "solver_order": 3}, {}),
                                 ("no-corrector", {"disable_corrector": [0, 2]}, {}),
-                                ("sigma_min+zerosnr", {"final_sigmas_type": "sigma_min", "rescale_betas_zero_snr": True}, {})],
+                                ("sigma_min+zerosnr",
+                                 {"final_sigmas_type": "sigma_min", "rescale_betas_zero_snr": True}, {})],
 }
 
 
@@ -314,7 +320,8 @@ def test_no_scipy_at_run_time():
             "s = ms.LMSDiscreteScheduler(use_karras_sigmas=True); s.set_timesteps(10)\n"
             "x = torch.randn(1, 4, 8, 8) * s.init_noise_sigma\n"
             "for t in s.timesteps: x = s.step(s.scale_model_input(x, t) * 0.1, t, x).prev_sample\n"
-            "assert torch.isfinite(x).all() and 'scipy' not in [m.split('.')[0] for m in sys.modules if sys.modules[m]]\n")
+            "loaded = [m.split('.')[0] for m in sys.modules if sys.modules[m]]\n"
+            "assert torch.isfinite(x).all() and 'scipy' not in loaded\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
@@ -390,6 +397,9 @@ def test_from_config_round_trip_across_classes(source):
         ours_b = getattr(ms, target).from_config(ours_a.config)
         ref_b = getattr(diffusers, target).from_config(ref_a.config)
         assert _comparable(ours_b.config) == _comparable(ref_b.config), f"{source} -> {target}"
+        if target not in slow:  # and diffusers accepts our config the same way
+            ref_from_ours = getattr(diffusers, target).from_config(ours_a.config)
+            assert _comparable(ref_from_ours.config) == _comparable(ref_b.config), f"{source} -> {target} (diffusers)"
         ours_b.set_timesteps(10)
         ref_b.set_timesteps(10)
         assert torch.equal(ours_b.timesteps, ref_b.timesteps), f"{source} -> {target}"
@@ -449,7 +459,7 @@ def test_bad_arguments_raise_clear_errors(name):
         cls(not_an_option=1)
     s = cls()
     for bad in (0, -3, 1001, 2.5, True, None):
-        with pytest.raises(ValueError, match=r"num_inference_steps must be an integer in \[1, num_train_timesteps=1000\]"):
+        with pytest.raises(ValueError, match=r"num_inference_steps must be an integer in \[1, num_train_time"):
             s.set_timesteps(bad)
     if name != "DDPMScheduler":  # DDPM steps through all training timesteps without set_timesteps
         with pytest.raises(ValueError, match="set_timesteps"):

@@ -211,8 +211,9 @@ def broadcast_to(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------------
 # Config
 # --------------------------------------------------------------------------------------------------------------------
-class SchedulerConfig(Mapping):
-    """A scheduler's settings: a read-only mapping with attribute access, shaped like diffusers' `FrozenDict`.
+class SchedulerConfig(dict):
+    """A scheduler's settings: a read-only dict with attribute access, like diffusers' `FrozenDict` (so diffusers'
+    `from_config` accepts it too).
 
     It holds every constructor argument, keys passed in but not used (another scheduler's options, `_class_name`,
     `_diffusers_version`; kept so that a config survives a round trip through other classes, as in diffusers) and
@@ -221,40 +222,34 @@ class SchedulerConfig(Mapping):
     but `EulerDiscreteScheduler.from_config(pndm.config)` uses Euler's "linspace").
     """
 
-    def __init__(self, values: Mapping):
-        object.__setattr__(self, "_values", dict(values))
-
-    def __getitem__(self, key):
-        return self._values[key]
-
-    def __iter__(self):
-        return iter(self._values)
-
-    def __len__(self):
-        return len(self._values)
-
     def __getattr__(self, name):
-        values = self.__dict__.get("_values", {})  # not self._values: copy/pickle call this before __init__
-        if name in values:
-            return values[name]
-        raise AttributeError(f"scheduler config has no {name!r}")
-
-    def __reduce__(self):  # copy / pickle
-        return SchedulerConfig, (self._values,)
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"scheduler config has no {name!r}") from None
 
     def __setattr__(self, name, value):
         raise AttributeError("a scheduler config is read-only: build a new one, e.g. "
                              "Scheduler.from_config({**scheduler.config, 'key': value})")
 
+    def _read_only(self, *args, **kwargs):
+        raise TypeError("a scheduler config is read-only: build a new one, e.g. "
+                        "Scheduler.from_config({**scheduler.config, 'key': value})")
+
+    __setitem__ = __delitem__ = __ior__ = setdefault = pop = popitem = update = clear = _read_only
+
+    def __reduce__(self):  # copy / pickle without going through the blocked methods
+        return SchedulerConfig, (dict(self),)
+
     def __repr__(self):
-        return f"SchedulerConfig({self._values})"
+        return f"SchedulerConfig({dict.__repr__(self)})"
 
     def replace(self, **changes) -> "SchedulerConfig":
-        return SchedulerConfig({**self._values, **changes})
+        return SchedulerConfig({**self, **changes})
 
     def to_json_dict(self, class_name: str | None = None) -> dict:
         """The scheduler_config.json content (`_use_default_values` is not saved, as in diffusers)."""
-        out = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self._values.items()}
+        out = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self.items()}
         out.pop("_use_default_values", None)
         if class_name is not None:
             out["_class_name"] = class_name
