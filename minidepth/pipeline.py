@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import image_processing
+from .noise import randn_tensor
 from .pipeline_io import (check_call_arguments, load_components, save_components)
 
 logger = logging.getLogger(__name__)
@@ -220,7 +221,6 @@ class StableDiffusionDepth2ImgPipeline:
                         num_images_per_prompt: int, dtype: torch.dtype, generator=None) -> torch.Tensor:
         """Encode the image (random draw 1: the posterior sample), scale, tile to the batch, and noise it to
         `timestep` (random draw 2). Returns (B * num_images_per_prompt, 4, h, w)."""
-        from .models.autoencoder import randn_tensor
         device = self.device
         image = image.to(device=device, dtype=dtype)
         batch = batch_size * num_images_per_prompt

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..noise import randn_tensor  # noqa: F401  (re-exported for the schedulers)
+
 SPACINGS = ("leading", "trailing", "linspace")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 CONFIG_NAME = "scheduler_config.json"
@@ -168,27 +170,6 @@ class SchedulerOutput:
         if self.pred_original_sample is None:
             return (self.prev_sample,)[i]
         return (self.prev_sample, self.pred_original_sample)[i]
-
-
-def randn_tensor(shape, generator=None, device=None, dtype=None) -> torch.Tensor:
-    """Standard normal noise drawn exactly as diffusers' `randn_tensor`: a CPU generator draws on the CPU and the
-    result moves to `device`; a list of generators draws one (1, ...) slice per sample, in order."""
-    device = torch.device(device) if isinstance(device, str) else device
-    target = device or torch.device("cpu")
-    draw_device = device
-    if generator is not None:
-        gen_type = (generator[0] if isinstance(generator, list) else generator).device.type
-        if gen_type != target.type and gen_type == "cpu":
-            draw_device = "cpu"
-        elif gen_type != target.type and gen_type == "cuda":
-            raise ValueError(f"generator: cannot draw a {target} tensor from a {gen_type} generator")
-    if isinstance(generator, list) and len(generator) == 1:
-        generator = generator[0]
-    if isinstance(generator, list):
-        one = (1,) + tuple(shape[1:])
-        slices = [torch.randn(one, generator=generator[i], device=draw_device, dtype=dtype) for i in range(shape[0])]
-        return torch.cat(slices, dim=0).to(target)
-    return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(target)
 
 
 def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
