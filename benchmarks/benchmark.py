@@ -1,23 +1,24 @@
-"""minidepth against diffusers on the official-size architecture: time per stage, peak memory, pixel difference, GFLOP/s.
+"""minidepth against diffusers at the official size: time per stage, peak memory, pixel difference, GFLOP/s.
 
-    .venv/bin/python benchmarks/benchmark.py                         # CPU, 256x256 and 512x512, 2 steps, 2 runs
-    .venv/bin/python benchmarks/benchmark.py --device cuda --dtype fp16 --steps 20 --runs 5
+    .venv/bin/python benchmarks/benchmark.py                         # CPU, 256x256 and 512x512, 1 step, 2 runs
+    .venv/bin/python benchmarks/benchmark.py --device cuda --dtype fp16 --steps 20 --strength 0.8 --runs 5
 
 Both pipelines load the same checkpoint folder (by default a random-weight checkpoint with the real SD2-depth configs,
 built once by tests/factory.py and cached in $MINIDEPTH_TEST_CACHE, default <repo>/.cache/minidepth-test; `--checkpoint`
-takes a real one), each in its own worker process so that its memory can be measured alone. For every image size: one
-warm-up run each (which also counts the UNet's FLOPs), then `--runs` runs each, ALTERNATING (A B B A ...) so that machine
-noise hits both the same way, with identical inputs, settings and seeds; the table shows medians.
+takes a real one), each in its own worker process so that its memory can be measured alone. One warm-up run each (at the
+first size), then for every size `--runs` runs each, ALTERNATING (A B B A ...) so that machine noise hits both the same
+way, with identical inputs, settings and seeds; the table shows medians.
 
 Stages are timed by wrapping the pipelines' own steps on the instances (no library is changed):
   text encode = `encode_prompt` (prompt + negative prompt), depth estimate = `prepare_depth_map` (DPT preprocessing,
-  model, resize, normalise), VAE encode = `vae.encode`, UNet step = one `unet` forward (the mean), VAE decode = `vae.decode`;
-  end to end = the whole `pipe(...)` call. On CUDA every timer synchronises the device.
-Memory: the worker's peak over the size's runs, weights included: on CPU the peak resident set size (VmHWM, reset through
-/proc/self/clear_refs when a size starts), on CUDA `torch.cuda.max_memory_allocated` (reset likewise).
-GFLOP/s: FLOPs of one UNet call (torch.utils.flop_counter; the CPU flash-attention kernel is added by hand) divided by the
-mean UNet step time, against the best time of a large `torch.mm` in the same dtype on the same device ("matmul peak"; measured at the start
-and again after each size, the best value counts, so that a moment of background load does not lower it).
+  model, resize, normalise), VAE encode = `vae.encode`, UNet step = one `unet` forward (the mean over the steps),
+  VAE decode = `vae.decode`; end to end = the whole `pipe(...)` call. On CUDA every timer synchronises the device.
+Memory: the worker's peak over the size's runs, weights included: on CPU the peak resident set size (VmHWM, reset
+through /proc/self/clear_refs when a size starts), on CUDA `torch.cuda.max_memory_allocated` (reset likewise).
+GFLOP/s: FLOPs of one UNet call (torch.utils.flop_counter on the meta device; the CPU flash-attention kernel is added by
+hand) divided by the mean UNet step time, against the best time of a large `torch.mm` in the same dtype on the same
+device ("matmul peak"; measured at the start and again after each size, the best value counts, so that a moment of
+background load does not lower it).
 """
 
 from __future__ import annotations

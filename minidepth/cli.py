@@ -7,7 +7,7 @@
 Rules every subcommand follows:
   - errors are ONE line on stderr (`minidepth <command>: error: ...`); exit code 2 for usage errors and bad values,
     1 for everything else (missing files, unreadable images, checkpoints), 130 after Ctrl-C;
-  - an existing output file is never replaced unless `--overwrite` is given, and all outputs are checked BEFORE any work;
+  - an existing output file is never replaced unless `--overwrite` is given; all outputs are checked BEFORE any work;
   - outputs are written atomically: to a hidden temporary file in the same folder, then renamed over the target, so an
     interrupted run leaves either the old file or the complete new one, never half a PNG.
 torch and the models are imported only once a subcommand runs, so `minidepth --help` is quick.
@@ -146,8 +146,8 @@ def read_depth_map(path: str):
         raise CLIError(f"--depth-map: {path} is not a readable .npy array or image ({e})") from e
     if array.ndim == 3 and array.shape[-1] in (3, 4):
         if not (np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(array[..., 0], array[..., 2])):
-            raise CLIError(f"--depth-map: {path} is a colour image; pass a grayscale depth image (e.g. the --raw output "
-                           "of `minidepth depth`) or a .npy array")
+            raise CLIError(f"--depth-map: {path} is a colour image; pass a grayscale depth image (e.g. the --raw "
+                           "output of `minidepth depth`) or a .npy array")
         array = array[..., 0]
     array = np.squeeze(array)
     if array.ndim != 2 or not np.issubdtype(array.dtype, np.number):
@@ -170,7 +170,8 @@ def resolve_model(model: str, *, variant: str | None = None, revision: str | Non
     fetch = f"minidepth download --model {DEFAULT_MODEL} --dir {model}"
     if Path(model).expanduser().is_dir():
         if not (Path(model).expanduser() / "model_index.json").is_file():
-            raise CLIError(f"--model: {model} is not a checkpoint folder (no model_index.json); fetch one with: {fetch}")
+            raise CLIError(f"--model: {model} is not a checkpoint folder (no model_index.json); "
+                           f"fetch one with: {fetch}")
         return Path(model).expanduser()
     if _looks_like_path(model):
         raise CLIError(f"--model: checkpoint folder {model} not found; fetch one with: {fetch}")
@@ -377,8 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", formatter_class=fmt, help="make new images that keep a photo's 3-D layout",
                        description="Generate images from a photo and a prompt; the photo's estimated depth map "
                                    "keeps the layout, --strength sets how much of the photo is repainted.")
-    g.add_argument("--image", required=True, metavar="IN", help="input photo (any format Pillow reads; sides floored to multiples "
-                                                  "of 8 pixels)")
+    g.add_argument("--image", required=True, metavar="IN",
+                   help="input photo (any format Pillow reads; sides floored to multiples of 8 pixels)")
     g.add_argument("--prompt", required=True, metavar="TEXT", help="what the new image should show")
     g.add_argument("--negative-prompt", metavar="TEXT", help="what it should not show (used when --guidance > 1)")
     g.add_argument("--strength", type=float, default=0.8,

@@ -1,7 +1,7 @@
 """The `minidepth` command, end to end in subprocesses on the tiny checkpoint, plus its pure helpers in-process.
 
 Each subprocess imports torch (seconds), so the end-to-end runs are few and their outputs are shared by several asserts:
-one module-scoped `generate` run (seed, --save-depth, --grid) is compared pixel for pixel with the pipeline's own output.
+one module-scoped `generate` run (seed, --save-depth, --grid) is compared pixel for pixel with the pipeline's output.
 """
 
 from __future__ import annotations
@@ -107,7 +107,8 @@ def test_generate_equals_the_pipeline_for_the_same_seed(generated, pipe):
 def test_save_depth_and_grid(generated, pipe):
     from minidepth.depth import colorize_depth, estimate_depth
     folder = generated[0] / "out"
-    depth, grid, out = pixels(folder / "cabin-depth.png"), pixels(folder / "cabin-grid.png"), pixels(folder / "cabin.png")
+    depth, grid = pixels(folder / "cabin-depth.png"), pixels(folder / "cabin-grid.png")
+    out = pixels(folder / "cabin.png")
     assert depth.shape == (64, 96, 3), depth.shape  # the output's size, in colour
     assert depth.std(axis=(0, 1)).min() > 0, "depth image is flat"
     raw = estimate_depth(PIL.Image.open(generated[0] / "in.png"), pipe.depth_estimator, pipe.feature_extractor)
@@ -151,7 +152,8 @@ def test_depth_command(work, depth_files):
     from minidepth.models.dpt import DPTDepthModel
     folder, model = work
     dpt = DPTDepthModel.from_pretrained(model / "depth_estimator")
-    raw = estimate_depth(PIL.Image.open(folder / "in.png"), dpt, DPTImageProcessor.from_pretrained(model / "feature_extractor"))
+    processor = DPTImageProcessor.from_pretrained(model / "feature_extractor")
+    raw = estimate_depth(PIL.Image.open(folder / "in.png"), dpt, processor)
     raw = resized_depth(raw, 100, 68)  # the input's size
     assert_same_pixels(pixels(folder / "d.png"), colorize_depth(raw), "depth --out vs estimate_depth")
     with PIL.Image.open(folder / "d16.png") as img:
@@ -212,7 +214,8 @@ def test_help_is_fast_and_usage_errors_exit_2(tmp_path):
 # ------------------------------------------------------------------------------------------------ helpers, in-process
 def test_planned_outputs_and_checks(tmp_path):
     one = cli.planned_outputs(tmp_path / "a.png", 1, True, True)
-    assert one == {"images": [tmp_path / "a.png"], "depth": [tmp_path / "a-depth.png"], "grid": [tmp_path / "a-grid.png"]}
+    assert one == {"images": [tmp_path / "a.png"], "depth": [tmp_path / "a-depth.png"],
+                   "grid": [tmp_path / "a-grid.png"]}
     many = cli.planned_outputs(tmp_path / "b.jpg", 3, False, False)
     assert many["images"] == [tmp_path / f"b-{i}.jpg" for i in (1, 2, 3)] and many["depth"] == many["grid"] == []
     assert cli.planned_outputs(Path("noext"), 1, False, False)["images"] == [Path("noext.png")]
@@ -260,7 +263,8 @@ def test_read_depth_map(tmp_path):
     assert torch.equal(cli.read_depth_map(str(tmp_path / "d16.png")), torch.from_numpy(depth)[None])
     grey = np.repeat((depth[..., None] / 50).astype(np.uint8), 3, axis=-1)
     PIL.Image.fromarray(grey).save(tmp_path / "grey.png")  # grey stored as RGB: fine
-    assert torch.equal(cli.read_depth_map(str(tmp_path / "grey.png")), torch.from_numpy(grey[..., 0].astype(np.float32))[None])
+    expected = torch.from_numpy(grey[..., 0].astype(np.float32))[None]
+    assert torch.equal(cli.read_depth_map(str(tmp_path / "grey.png")), expected)
     photo(8, 8).save(tmp_path / "colour.png")
     with pytest.raises(cli.CLIError, match="colour image"):
         cli.read_depth_map(str(tmp_path / "colour.png"))
