@@ -305,18 +305,9 @@ def cmd_download(args) -> int:
 def download(repo_id: str, folder: Path | None, variant: str | None, revision: str | None) -> Path:
     """Only the files the pipeline reads (see `checkpoints.hub`): into the Hugging Face cache (where `--model <repo
     id>` finds them again) when `folder` is None, else into that plain folder."""
-    from huggingface_hub import snapshot_download
-    from .checkpoints import hub
-
-    def fetch(patterns) -> Path:  # local_dir=None: the cache
-        return Path(snapshot_download(repo_id, revision=revision, local_dir=folder, allow_patterns=patterns))
-
+    from .checkpoints.hub import download_checkpoint
     try:
-        weights = [hub._weight_name(c, variant, ".safetensors") for c in hub.WEIGHT_STEMS]
-        root = fetch(hub.SMALL_FILES + weights)
-        missing = [c for c in hub.WEIGHT_STEMS if not (root / hub._weight_name(c, variant, ".safetensors")).is_file()]
-        if missing:  # older repos have pickled weights only (loaded with weights_only=True)
-            root = fetch(hub.SMALL_FILES + [hub._weight_name(c, variant, ".bin") for c in missing])
+        root = download_checkpoint(repo_id, variant=variant, revision=revision, local_dir=folder)
     except Exception as e:  # no connection, unknown repo, gated model, offline mode, ...
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CLIError(f"could not download {repo_id}: {type(e).__name__}: {reason}") from e

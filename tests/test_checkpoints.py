@@ -167,3 +167,14 @@ def test_bad_rules_are_rejected():
         Rule("a", "b", "cat")
     with pytest.raises(KeyError, match="no rule for parameter"):
         KeyMap("empty", ()).rule_for("x.weight")
+
+
+def test_resolve_checkpoint_offline_names_the_fetch_command(tmp_path):
+    from minidepth.checkpoints.hub import resolve_checkpoint
+    with pytest.raises(FileNotFoundError, match="minidepth download --model someone/some-model"):
+        resolve_checkpoint("someone/some-model", local_files_only=True, cache_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="neither an existing folder nor a Hub repo id"):
+        resolve_checkpoint(tmp_path / "missing" / "folder")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="model_index.json is missing"):
+        resolve_checkpoint(tmp_path / "empty")

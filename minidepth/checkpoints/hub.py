@@ -36,18 +36,25 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike = DEFAULT_MODEL_ID, *,
     name = str(path_or_repo_id)
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise FileNotFoundError(f"checkpoint {name!r} is neither an existing folder nor a Hub repo id (owner/name)")
-
-    from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
+    try:
+        return download_checkpoint(name, variant=variant, revision=revision, cache_dir=cache_dir,
+                                   local_files_only=local_files_only)
+    except LocalEntryNotFoundError as e:
+        raise FileNotFoundError(
+            f"checkpoint {name!r} is not in the local cache and downloading is off (local_files_only=True or "
+            f"HF_HUB_OFFLINE=1). Fetch it first with:  minidepth download --model {name}") from e
+
+
+def download_checkpoint(repo_id: str, *, variant: str | None = None, revision: str | None = None,
+                        cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
+                        local_dir: str | os.PathLike | None = None) -> Path:
+    """Fetch the files the pipeline reads (see the module docstring) into the Hub cache, or into `local_dir`."""
+    from huggingface_hub import snapshot_download
 
     def fetch(patterns):
-        try:
-            return Path(snapshot_download(name, revision=revision, cache_dir=cache_dir,
-                                          local_files_only=local_files_only, allow_patterns=patterns))
-        except LocalEntryNotFoundError as e:
-            raise FileNotFoundError(
-                f"checkpoint {name!r} is not in the local cache and downloading is off (local_files_only=True or "
-                f"HF_HUB_OFFLINE=1). Fetch it first with:  minidepth download --model {name}") from e
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_dir=local_dir,
+                                      local_files_only=local_files_only, allow_patterns=patterns))
 
     folder = fetch(SMALL_FILES + [_weight_name(c, variant, ".safetensors") for c in WEIGHT_STEMS])
     missing = [c for c in WEIGHT_STEMS if not (folder / _weight_name(c, variant, ".safetensors")).is_file()]
