@@ -201,7 +201,7 @@ def test_openclip_ldm_names_load_identically(ours, folder, tmp_path):
 def test_missing_tensor_is_an_error(folder, tmp_path):
     from safetensors.torch import load_file, save_file
     tensors = load_file(str(folder / "model.safetensors"))
-    del tensors["encoder.layers.1.mlp.fc2.bias"]
+    del tensors["text_model.encoder.layers.1.mlp.fc2.bias"]  # the hub names every tensor text_model.*
     save_file(tensors, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text((folder / "config.json").read_text())
     with pytest.raises(CheckpointError, match="layers.1.mlp.fc2.bias"):
