@@ -133,6 +133,7 @@ class _Evil:
         return (os.system, ("echo pwned > /tmp/minidepth-pwned",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickle_that_runs_code_is_refused(tmp_path):
     path = tmp_path / "evil.bin"
     with open(path, "wb") as f:
