@@ -101,13 +101,10 @@ class DPMSolverMultistepScheduler(VPSolverScheduler):
         else:
             timesteps, sigmas = self._solver_sigmas(timesteps, n, round_karras=round_karras)
         if c.final_sigmas_type == "sigma_min":  # the smallest training sigma instead of 0
-            sigma_last = ((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5
+            sigma_last = self.train_sigma_min
         else:
             sigma_last = 0
-        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [sigma_last]]).astype(np.float32))
-        self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch.int64)
-        self.num_inference_steps = len(timesteps)
-        self._reset_history()
+        self._install_schedule(timesteps, sigmas, sigma_last, device)
 
     def _convert_model_output(self, model_output, sample):
         """The solver's quantity: x_0 (dpmsolver++ types) or eps (dpmsolver types), from any prediction type."""

@@ -72,7 +72,7 @@ class DPMSolverSinglestepScheduler(VPSolverScheduler):
                                      last=c.num_train_timesteps - clipped_idx).astype(np.int64)
         timesteps, sigmas = self._solver_sigmas(timesteps, n)
         if c.final_sigmas_type == "sigma_min":
-            sigma_last = ((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5
+            sigma_last = self.train_sigma_min
         else:
             sigma_last = 0
         self.sigmas = torch.from_numpy(np.concatenate([sigmas, [sigma_last]]).astype(np.float32))

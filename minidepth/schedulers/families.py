@@ -79,6 +79,18 @@ class VPSolverScheduler(Scheduler):
         self.model_outputs = [None] * self._config["solver_order"]  # the last solver_order outputs, newest last
         self.lower_order_nums = 0  # steps taken so far, capped at solver_order: the warm-up of multistep solvers
 
+    @property
+    def train_sigma_min(self) -> float:
+        """The smallest training sigma, sqrt((1 - alpha_bar_0) / alpha_bar_0) (a `final_sigmas_type` choice)."""
+        return ((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5
+
+    def _install_schedule(self, timesteps: np.ndarray, sigmas: np.ndarray, sigma_last, device) -> None:
+        """Store the inference schedule (sigmas get `sigma_last` appended) and clear the solver history."""
+        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [sigma_last]]).astype(np.float32))
+        self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch.int64)
+        self.num_inference_steps = len(timesteps)
+        self._reset_history()
+
     @staticmethod
     def _alpha_sigma(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         alpha_t = 1 / ((sigma**2 + 1) ** 0.5)

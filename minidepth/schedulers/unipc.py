@@ -52,11 +52,8 @@ class UniPCMultistepScheduler(VPSolverScheduler):
         elif c.use_karras_sigmas or c.use_exponential_sigmas:
             sigma_last = sigmas[-1]  # the schedule's own minimum
         else:
-            sigma_last = ((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5
-        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [sigma_last]]).astype(np.float32))
-        self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch.int64)
-        self.num_inference_steps = len(timesteps)
-        self._reset_history()
+            sigma_last = self.train_sigma_min
+        self._install_schedule(timesteps, sigmas, sigma_last, device)
         self.last_sample = None
 
     def _convert_model_output(self, model_output, sample):
