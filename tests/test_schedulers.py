@@ -256,13 +256,7 @@ def _grid():
 
 
 @pytest.mark.parametrize("name,overrides,step_kwargs,spacing,prediction", list(_grid()))
-def test_trajectory_matches_diffusers(name, overrides, step_kwargs, spacing, prediction, monkeypatch):
-    if name == "LMSDiscreteScheduler":
-        # diffusers integrates the LMS coefficients with scipy.integrate.quad over a float32 integrand (~3e-7 abs
-        # noise); minidepth integrates the cubic exactly. To compare everything else bit for bit, the reference uses
-        # minidepth's exact integral here; test_lms_* below compare against real scipy quadrature.
-        monkeypatch.setattr(diffusers.LMSDiscreteScheduler, "get_lms_coefficient",
-                            ms.LMSDiscreteScheduler.get_lms_coefficient)
+def test_trajectory_matches_diffusers(name, overrides, step_kwargs, spacing, prediction):
     # Karras sigmas on and off for the plain scheduler; the option variants run with Karras sigmas off
     plain = VARIANTS[name][0][1] is overrides
     karras_options = (False, True) if has_option(name, "use_karras_sigmas") and plain else (False,)
@@ -297,21 +291,23 @@ def test_lms_coefficients_match_scipy_quad(spacing, karras):
             a = np.array([ours.get_lms_coefficient(order, t, j) for j in range(order)])
             b = np.array([ref.get_lms_coefficient(order, t, j) for j in range(order)])
             worst = max(worst, np.abs(a - b).max() / np.abs(b).max())
-    assert worst <= 1e-6, f"LMS coefficients vs scipy quad: max relative difference {worst:.3g}"
+            ours.coefficient_rule = "exact"  # the closed-form integral: scipy's float32 integrand noise away
+            exact = np.array([ours.get_lms_coefficient(order, t, j) for j in range(order)])
+            ours.coefficient_rule = "quadpack"
+            assert np.abs(exact - b).max() / np.abs(b).max() <= 1e-6
+    # our QUADPACK qk21 replica (same nodes, weights, order, float32 integrand) equals scipy's quad bit for bit
+    assert worst == 0, f"LMS coefficients vs scipy quad: max relative difference {worst:.3g}"
 
 
 @pytest.mark.parametrize("prediction", PREDICTIONS)
 def test_lms_trajectory_matches_real_diffusers(prediction):
-    # Looser than MAX_ABS_ERROR on purpose: the reference's coefficients carry float32 quadrature noise (~3e-7 abs,
-    # see above) which the derivatives multiply (up to |x| / sigma ~ 30 at small sigma, |x| up to ~15 at the start).
-    # Measured worst: 2.5e-5 (x-prediction, N=50, Karras sigmas); everything else agrees bit for bit (grid test).
+    """Long LMS runs against diffusers with its real scipy quadrature (the grid test covers N <= 50 too)."""
     for spacing in SPACINGS:
         for karras in (False, True):
             config = {**SD2_CONFIG, "timestep_spacing": spacing, "prediction_type": prediction,
                       "use_karras_sigmas": karras}
             for n, mode in ((50, "full"), (10, "img2img")):
-                record("LMSDiscreteScheduler vs scipy quad", run_pair("LMSDiscreteScheduler", config, n, mode, {},
-                                                                      tol=1e-4))
+                record("LMSDiscreteScheduler vs scipy quad", run_pair("LMSDiscreteScheduler", config, n, mode, {}))
 
 
 def test_no_scipy_at_run_time():
