@@ -228,3 +228,15 @@ def test_official_size_end_to_end(tmp_path):
     assert next(half.unet.parameters()).dtype == torch.float32
     del half
     gc.collect()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_pipelines_match(tiny_checkpoint, dtype):
+    """torch_dtype=bf16/fp16 on the CPU: same numbers as diffusers in the same dtype (the DPT runs under autocast)."""
+    from diffusers import StableDiffusionDepth2ImgPipeline as Reference
+    outs = []
+    for cls in (StableDiffusionDepth2ImgPipeline, Reference):
+        pipe = cls.from_pretrained(tiny_checkpoint, torch_dtype=dtype)
+        pipe.set_progress_bar_config(disable=True)
+        outs.append(pipe(image=photo(64, 64, 15), generator=torch.Generator().manual_seed(0), **BASE).images)
+    assert_close(*outs, what=f"{dtype} images")
