@@ -235,8 +235,8 @@ def test_half_precision_pipelines_match(tiny_checkpoint, dtype):
     """torch_dtype=bf16/fp16 on the CPU: same numbers as diffusers in the same dtype (the DPT runs under autocast)."""
     from diffusers import StableDiffusionDepth2ImgPipeline as Reference
     outs = []
-    for cls in (StableDiffusionDepth2ImgPipeline, Reference):
-        pipe = cls.from_pretrained(tiny_checkpoint, torch_dtype=dtype)
+    for pipe in (StableDiffusionDepth2ImgPipeline.from_pretrained(tiny_checkpoint, torch_dtype=dtype),
+                 Reference.from_pretrained(tiny_checkpoint, dtype=dtype)):  # diffusers 0.42 renamed torch_dtype
         pipe.set_progress_bar_config(disable=True)
         outs.append(pipe(image=photo(64, 64, 15), generator=torch.Generator().manual_seed(0), **BASE).images)
     assert_close(*outs, what=f"{dtype} images")
