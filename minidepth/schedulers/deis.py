@@ -95,12 +95,7 @@ class DEISMultistepScheduler(VPSolverScheduler):
         second_last_step_lower = i == n - 2 and c.lower_order_final and n < 15
         # 2. convert and store the model output
         self.model_outputs = self.model_outputs[1:] + [self._convert_model_output(model_output, sample)]
-        if c.solver_order == 1 or self.lower_order_nums < 1 or last_step_lower:
-            order = 1
-        elif c.solver_order == 2 or self.lower_order_nums < 2 or second_last_step_lower:
-            order = 2
-        else:
-            order = 3
+        order = self._multistep_order(last_step_lower, second_last_step_lower)
         prev_sample = self._update(order, sample)
         self.lower_order_nums = min(self.lower_order_nums + 1, c.solver_order)
         self._step_index += 1

@@ -163,12 +163,7 @@ class DPMSolverMultistepScheduler(VPSolverScheduler):
             else:
                 noise = variance_noise.to(device=model_output.device, dtype=torch.float32)
         # 4. the update
-        if c.solver_order == 1 or self.lower_order_nums < 1 or last_step_first_order:
-            order = 1
-        elif c.solver_order == 2 or self.lower_order_nums < 2 or second_last_step_lower:
-            order = 2
-        else:
-            order = 3
+        order = self._multistep_order(last_step_first_order, second_last_step_lower)
         prev_sample = self._update(order, sample, noise).to(model_output.dtype)
         self.lower_order_nums = min(self.lower_order_nums + 1, c.solver_order)
         self._step_index += 1

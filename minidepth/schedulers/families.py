@@ -91,6 +91,16 @@ class VPSolverScheduler(Scheduler):
         self.num_inference_steps = len(timesteps)
         self._reset_history()
 
+    def _multistep_order(self, force_first: bool, force_second: bool) -> int:
+        """The order of this step: a multistep solver warms up at first order (one stored output), then second, and
+        may drop back near the end (`force_*`, e.g. lower_order_final on short schedules)."""
+        c = self.config
+        if c.solver_order == 1 or self.lower_order_nums < 1 or force_first:
+            return 1
+        if c.solver_order == 2 or self.lower_order_nums < 2 or force_second:
+            return 2
+        return 3
+
     @staticmethod
     def _alpha_sigma(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         alpha_t = 1 / ((sigma**2 + 1) ** 0.5)
