@@ -98,11 +98,12 @@ def unet_flops(checkpoint: Path, size: int, batch: int) -> dict[str, int]:
     compute, no memory), for both implementations built from the checkpoint's unet/config.json."""
     import diffusers
     from minidepth.checkpoints import build_on_meta
-    from minidepth.models.unet import UNet, UNetConfig
+    from minidepth.checkpoints.diffusers_format import unet_config_from_dict
+    from minidepth.models.unet import UNet
     config = json.loads((checkpoint / "unet" / "config.json").read_text())
     with torch.device("meta"):
         reference = diffusers.UNet2DConditionModel.from_config(config)
-    models = {"minidepth": build_on_meta(lambda: UNet(UNetConfig.from_dict(config))), "diffusers": reference}
+    models = {"minidepth": build_on_meta(lambda: UNet(unet_config_from_dict(config))), "diffusers": reference}
     x = torch.empty(batch, config["in_channels"], size // 8, size // 8, device="meta")
     context = torch.empty(batch, 77, config["cross_attention_dim"], device="meta")
     flops = {}

@@ -166,3 +166,72 @@ def test_attention_probs_is_softmax_of_scaled_scores():
     q, k = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8)
     want = torch.softmax(torch.einsum("bhld,bhsd->bhls", q, k) / 8 ** 0.5, dim=-1)
     assert_close(attention_probs(q, k), want, 1e-6, "attention_probs")
+
+
+# ------------------------------------------------------------------------------------------------ one attention path
+def _tiny(model: str) -> nn.Module:
+    """A tiny random-weight text encoder or DPT, built from the test factory's tiny configs."""
+    import factory
+    from minidepth.checkpoints.transformers_format import clip_text_config_from_dict, dpt_config_from_dict
+    from minidepth.models.clip_text import CLIPTextModel
+    from minidepth.models.dpt import DPTDepthModel
+    torch.manual_seed(0)
+    if model == "clip":
+        net = CLIPTextModel(clip_text_config_from_dict(factory.text_encoder_config("tiny")))
+    else:
+        net = DPTDepthModel(dpt_config_from_dict(factory.depth_estimator_config("tiny")))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return net.eval()
+
+
+def test_no_attention_product_outside_attention_py():
+    """Every softmax(QK^T)V in the package goes through models/attention.py (so the backend switch, the processor
+    hook and capture reach all of them)."""
+    from pathlib import Path
+    import minidepth
+    root = Path(minidepth.__file__).parent
+    import re
+    code = re.compile(r"(?<!\w)(\w+\.softmax|(\w+\.)?scaled_dot_product_attention|(\w+\.)?memory_efficient_attention)\(")
+    offenders = [f"{p.relative_to(root)}: {m.group(0)}" for p in root.rglob("*.py") if p.name != "attention.py"
+                 for m in code.finditer(p.read_text())]
+    assert offenders == []
+
+
+@pytest.mark.parametrize("model", ["clip", "dpt"])
+def test_capture_records_the_text_encoder_and_the_dpt(model):
+    net = _tiny(model)
+    x = torch.randint(0, 1000, (2, 7)) if model == "clip" else torch.randn(2, 3, 64, 96)
+    run = (lambda: net(x).last_hidden_state) if model == "clip" else (lambda: net(x))
+    with torch.no_grad():
+        want = run()
+        capture = CaptureAttentionMaps()
+        names = set_attention_processor(net, capture)
+        got = run()
+        set_attention_processor(net, None)
+    layers = [m for m in net.modules() if isinstance(m, Attention)]
+    assert names == [m.name for m in layers] and len(capture.maps) == len(layers) > 0
+    probs = capture.maps[names[0]][0]  # (B, h, L, L)
+    tokens = x.shape[1] if model == "clip" else 1 + (64 // 16) * (96 // 16)
+    assert probs.shape == (2, layers[0].heads, tokens, tokens)
+    assert_close(probs.sum(-1), torch.ones_like(probs.sum(-1)), 1e-6, "rows of the attention weights sum to 1")
+    if model == "clip":  # causal: no query sees a later key
+        assert probs.triu(diagonal=1).abs().max().item() == 0.0
+        assert all(m.causal for m in layers)
+    # the captured probabilities reproduce the SDPA output (float rounding only)
+    assert_close(got, want, 1e-5, f"{model} with capture vs SDPA")
+
+
+@pytest.mark.parametrize("backend", ["math", "sliced"])
+def test_text_encoder_backends_with_causal_and_padding_masks(backend):
+    net = _tiny("clip")
+    ids = torch.randint(0, 1000, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        want = [net(ids).last_hidden_state, net(ids, attention_mask=mask).last_hidden_state]
+        set_attention_backend(net, backend)
+        got = [net(ids).last_hidden_state, net(ids, attention_mask=mask).last_hidden_state]
+    assert_close(got[0], want[0], 1e-5, f"{backend} causal")
+    assert_close(got[1], want[1], 1e-5, f"{backend} causal + padding mask")

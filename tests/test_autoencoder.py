@@ -15,8 +15,11 @@ from safetensors.torch import save_file
 from factory import cached_checkpoint, component_folder, vae_config
 from minidepth.checkpoints import CheckpointError, build_on_meta, export_state_dict
 from minidepth.models.attention import set_attention_backend
-from minidepth.models.autoencoder import (DIFFUSERS_KEYS, DIFFUSERS_LEGACY_KEYS, LDM_KEYS, AutoencoderKL,
-                                          AutoencoderKLConfig, DiagonalGaussian, randn_tensor)
+from minidepth.checkpoints.diffusers_format import VAE_KEYS as DIFFUSERS_KEYS
+from minidepth.checkpoints.diffusers_format import VAE_LEGACY_KEYS as DIFFUSERS_LEGACY_KEYS
+from minidepth.checkpoints.diffusers_format import vae_config_from_dict, vae_config_to_dict
+from minidepth.checkpoints.ldm_format import VAE_KEYS as LDM_KEYS
+from minidepth.models.autoencoder import AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian, randn_tensor
 
 KEYS = Path(__file__).parent / "data" / "keys"
 REL = 1e-5
@@ -269,7 +272,7 @@ def test_ldm_single_file_round_trip(pair, tmp_path):
     assert tensors["first_stage_model.encoder.mid.attn_1.q.weight"].ndim == 4  # stored as a 1x1 conv
     tensors["model.diffusion_model.out.0.bias"] = torch.zeros(3)  # other components of the single file are skipped
     save_file(tensors, str(tmp_path / "512-depth-ema.safetensors"))
-    config = AutoencoderKLConfig.from_dict(vae_config("tiny"))
+    config = vae_config_from_dict(vae_config("tiny"))
     loaded = AutoencoderKL.from_single_file(tmp_path / "512-depth-ema.safetensors", config)
     x, z = images(1, 40, 32), latents(1, 5, 4)
     assert torch.equal(loaded.encode(x).moments, ours.encode(x).moments)
@@ -278,23 +281,23 @@ def test_ldm_single_file_round_trip(pair, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ config and errors
 def test_config_from_dict():
-    official = AutoencoderKLConfig.from_dict(vae_config("official"))
+    official = vae_config_from_dict(vae_config("official"))
     assert official == AutoencoderKLConfig.sd2_depth()
     assert official.scaling_factor == 0.18215  # absent from SD2-depth's config.json
-    tiny = AutoencoderKLConfig.from_dict(vae_config("tiny"))
-    assert AutoencoderKLConfig.from_dict(tiny.to_dict()) == tiny
+    tiny = vae_config_from_dict(vae_config("tiny"))
+    assert vae_config_from_dict(vae_config_to_dict(tiny)) == tiny
     sdxl_like = {**vae_config("official"), "scaling_factor": 0.13025}
-    assert AutoencoderKLConfig.from_dict(sdxl_like).scaling_factor == 0.13025
+    assert vae_config_from_dict(sdxl_like).scaling_factor == 0.13025
     # keys left out mean diffusers' defaults (sample_size 32), not SD2's
     no_size = {k: v for k, v in vae_config("official").items() if k != "sample_size"}
     reference_tile = DiffusersAutoencoderKL.from_config(no_size).tile_sample_min_size
-    assert AutoencoderKLConfig.from_dict(no_size).sample_size == reference_tile == 32
+    assert vae_config_from_dict(no_size).sample_size == reference_tile == 32
     with pytest.raises(ValueError, match="down_block_types"):
-        AutoencoderKLConfig.from_dict({**vae_config("official"), "down_block_types": ["DownBlock2D"] * 4})
+        vae_config_from_dict({**vae_config("official"), "down_block_types": ["DownBlock2D"] * 4})
     with pytest.raises(ValueError, match="unknown config keys"):
-        AutoencoderKLConfig.from_dict({**vae_config("official"), "latent_chanels": 4})
+        vae_config_from_dict({**vae_config("official"), "latent_chanels": 4})
     with pytest.raises(ValueError, match="shift_factor"):
-        AutoencoderKLConfig.from_dict({**vae_config("official"), "shift_factor": 0.1159})
+        vae_config_from_dict({**vae_config("official"), "shift_factor": 0.1159})
 
 
 def test_bad_inputs_raise_clear_errors(pair):

@@ -26,12 +26,8 @@ class Toy(nn.Module):
 # Checkpoint layout: blocks stored in reverse order with a fused in_proj; "fused" stored as three tensors;
 # "out" stored as a 1x1 convolution.
 TOY_KEYS = KeyMap("toy", (
-    Rule("blocks.{i}.q.weight", "layers.{1-i}.in_proj.weight", "chunk:0/3"),
-    Rule("blocks.{i}.k.weight", "layers.{1-i}.in_proj.weight", "chunk:1/3"),
-    Rule("blocks.{i}.v.weight", "layers.{1-i}.in_proj.weight", "chunk:2/3"),
-    Rule("blocks.{i}.q.bias", "layers.{1-i}.in_proj.bias", "chunk:0/3"),
-    Rule("blocks.{i}.k.bias", "layers.{1-i}.in_proj.bias", "chunk:1/3"),
-    Rule("blocks.{i}.v.bias", "layers.{1-i}.in_proj.bias", "chunk:2/3"),
+    *(Rule(f"blocks.{i}.{name}.{param}", f"layers.{1 - i}.in_proj.{param}", f"chunk:{k}/3")
+      for i in range(2) for k, name in enumerate("qkv") for param in ("weight", "bias")),
     Rule("fused.{rest}", ("sep.q.{rest}", "sep.k.{rest}", "sep.v.{rest}"), "cat"),
     Rule("out.weight", "proj.weight", "squeeze"),
     Rule("out.bias", "proj.bias"),
@@ -47,6 +43,11 @@ def toy_file(tmp_path):
     path = tmp_path / "toy.safetensors"
     save_file(tensors, str(path))
     return model, path, tensors
+
+
+def test_a_source_placeholder_the_target_does_not_capture_is_refused():
+    with pytest.raises(ValueError, match=r"uses \['1-i'\], which the target does not capture"):
+        Rule("blocks.{i}.q.weight", "layers.{1-i}.in_proj.weight")
 
 
 def test_export_then_load_round_trips_every_transform(toy_file):

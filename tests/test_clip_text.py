@@ -17,8 +17,12 @@ import torch
 
 from factory import cached_checkpoint, component_folder, text_encoder_config
 from minidepth.checkpoints import CheckpointError, build_on_meta, export_state_dict, mapped_state_dict
-from minidepth.models.clip_text import (OPENCLIP_LDM_KEYS, TRANSFORMERS_KEYS, TRANSFORMERS_V5_KEYS, CLIPTextConfig,
-                                        CLIPTextModel, openclip_keys)
+from minidepth.checkpoints.ldm_format import OPENCLIP_KEYS as OPENCLIP_LDM_KEYS
+from minidepth.checkpoints.ldm_format import openclip_keymap as openclip_keys
+from minidepth.checkpoints.transformers_format import CLIP_TEXT_KEYS as TRANSFORMERS_KEYS
+from minidepth.checkpoints.transformers_format import CLIP_TEXT_V5_KEYS as TRANSFORMERS_V5_KEYS
+from minidepth.checkpoints.transformers_format import clip_text_config_from_dict
+from minidepth.models.clip_text import CLIPTextConfig, CLIPTextModel
 from minidepth.tokenizer import CLIPTokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -99,11 +103,11 @@ def test_tiny_parity_short_sequences(ours, ref):
 
 
 def test_config_from_dict(ours, ref):
-    tiny = CLIPTextConfig.from_dict(text_encoder_config("tiny"))
+    tiny = clip_text_config_from_dict(text_encoder_config("tiny"))
     assert tiny == ours.config
     assert (tiny.width, tiny.num_layers, tiny.num_heads, tiny.mlp_width) == (32, 3, 4, 37)
     official = json.loads((Path(__file__).parent / "data/sd2-depth-configs/text_encoder_config.json").read_text())
-    assert CLIPTextConfig.from_dict(official) == CLIPTextConfig.sd2_depth()
+    assert clip_text_config_from_dict(official) == CLIPTextConfig.sd2_depth()
     assert CLIPTextConfig.sd2_depth() == CLIPTextConfig(vocab_size=49408, max_positions=77, width=1024, num_layers=23,
                                                         num_heads=16, mlp_width=4096, hidden_act="gelu", eps=1e-5)
     assert ours.num_parameters() == sum(p.numel() for p in ref.parameters())
@@ -113,7 +117,7 @@ def test_quick_gelu_matches_transformers():
     cfg = dict(text_encoder_config("tiny"), hidden_act="quick_gelu")
     torch.manual_seed(0)
     ref = transformers.CLIPTextModel(transformers.CLIPTextConfig(**cfg)).eval()
-    ours = CLIPTextModel(CLIPTextConfig.from_dict(cfg)).eval()
+    ours = CLIPTextModel(clip_text_config_from_dict(cfg)).eval()
     ours.load_state_dict(mapped_state_dict(ours, ref.state_dict(), TRANSFORMERS_V5_KEYS))
     compare_all(ours, ref, torch.randint(0, 49408, (2, 77)))
 

@@ -15,8 +15,11 @@ from safetensors.torch import load_file, save_file
 
 import factory
 from minidepth.checkpoints import CheckpointError, build_on_meta, export_state_dict, load_weights
-from minidepth.models.dpt import (LDM_KEYS, MIDAS_KEYS, TRANSFORMERS_KEYS, DPTConfig, DPTDepthModel,
-                                  parameter_count)
+from minidepth.checkpoints.ldm_format import DEPTH_MODEL_KEYS as LDM_KEYS
+from minidepth.checkpoints.ldm_format import MIDAS_KEYS
+from minidepth.checkpoints.transformers_format import DPT_KEYS as TRANSFORMERS_KEYS
+from minidepth.checkpoints.transformers_format import dpt_config_from_dict
+from minidepth.models.dpt import DPTConfig, DPTDepthModel
 
 KEYS = Path(__file__).parent / "data" / "keys"
 OFFICIAL_PARAMETERS = 122_377_985
@@ -62,13 +65,13 @@ def load_pair(folder: Path):
 
 # ------------------------------------------------------------------------------------------------ config
 def test_from_dict_of_the_official_config_is_the_preset():
-    cfg = DPTConfig.from_dict(factory.official_config("depth_estimator_config.json"))
+    cfg = dpt_config_from_dict(factory.official_config("depth_estimator_config.json"))
     assert cfg == DPTConfig.sd2_depth()
     assert cfg.layer_norm_eps == 1e-12 and cfg.vit_out_indices == (8, 11) and cfg.stage_widths == (256, 512, 1024)
 
 
 def test_from_dict_of_the_tiny_config():
-    cfg = DPTConfig.from_dict(factory.depth_estimator_config("tiny"))
+    cfg = dpt_config_from_dict(factory.depth_estimator_config("tiny"))
     assert (cfg.stem_width, cfg.stage_widths, cfg.stage_depths, cfg.num_groups) == (8, (16, 32, 64), (1, 1, 1), 8)
     assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.mlp_size) == (32, 4, 4, 37)
     assert cfg.vit_out_indices == (2, 3) and cfg.neck_sizes == (16, 32, 32, 32) and cfg.fusion_size == 16
@@ -80,7 +83,7 @@ def test_from_dict_rejects_what_it_does_not_implement(key, value):
     d = factory.official_config("depth_estimator_config.json")
     d[key] = value
     with pytest.raises(ValueError, match=key):
-        DPTConfig.from_dict(d)
+        dpt_config_from_dict(d)
 
 
 def test_config_rejects_inconsistent_neck_sizes():
@@ -102,7 +105,7 @@ def test_tiny_depth_matches_transformers_at_384(tiny_pair):
         got = ours(pixels)
     assert (expected > 0).float().mean() > 0.5 and expected.std() > 1e-3, "degenerate reference depth"
     compare(got, expected, 1e-5, "tiny predicted_depth 384x384")
-    assert parameter_count(ours) == sum(p.numel() for p in ref.parameters())
+    assert ours.num_parameters() == sum(p.numel() for p in ref.parameters())
 
 
 def test_tiny_backbone_features_non_square(tiny_pair):
@@ -186,7 +189,7 @@ def _tsv(name: str) -> dict[str, list[int]]:
 
 def test_official_names_shapes_and_parameter_count_on_meta():
     model = build_on_meta(lambda: DPTDepthModel(DPTConfig.sd2_depth()))
-    assert parameter_count(model) == OFFICIAL_PARAMETERS
+    assert model.num_parameters() == OFFICIAL_PARAMETERS
     for keymap, tsv in ((TRANSFORMERS_KEYS, "transformers_dpt_hybrid.tsv"),
                         (MIDAS_KEYS, "midas_dpt_hybrid_original.tsv")):
         expected = {k: v for k, v in _tsv(tsv).items() if not keymap.is_ignored(k)}
@@ -208,7 +211,7 @@ def official_pair():
 @pytest.mark.official
 def test_official_depth_matches_transformers_at_384(official_pair):
     ours, ref = official_pair
-    assert parameter_count(ours) == OFFICIAL_PARAMETERS == sum(p.numel() for p in ref.parameters())
+    assert ours.num_parameters() == OFFICIAL_PARAMETERS == sum(p.numel() for p in ref.parameters())
     pixels = photo_batch(1, 384, 384, seed=4)
     with torch.no_grad():
         expected = ref(pixels).predicted_depth

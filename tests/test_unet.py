@@ -15,7 +15,11 @@ import torch
 from factory import cached_checkpoint, component_folder, unet_config
 from minidepth.checkpoints import CheckpointError, build_on_meta, export_state_dict
 from minidepth.models.attention import CaptureAttentionMaps, set_attention_backend, set_attention_processor
-from minidepth.models.unet import DIFFUSERS_KEYS, LDM_KEYS, UNet, UNetConfig, ldm_keymap
+from minidepth.checkpoints.diffusers_format import UNET_KEYS as DIFFUSERS_KEYS
+from minidepth.checkpoints.diffusers_format import unet_config_from_dict
+from minidepth.checkpoints.ldm_format import UNET_KEYS as LDM_KEYS
+from minidepth.checkpoints.ldm_format import unet_keymap as ldm_keymap
+from minidepth.models.unet import UNet, UNetConfig
 
 KEYS = Path(__file__).parent / "data" / "keys"  # copies of the reference name tables (official checkpoint layout)
 OFFICIAL_PARAMS = 865_913_604
@@ -250,17 +254,17 @@ def test_bad_input(ours, make, exc, match):
 
 
 def test_config_from_dict_traps():
-    cfg = UNetConfig.from_dict(unet_config("official"))
+    cfg = unet_config_from_dict(unet_config("official"))
     assert cfg == UNetConfig.sd2_depth()
     assert cfg.attention_heads == (5, 10, 20, 20)  # "attention_head_dim" is a head count
-    assert UNetConfig.from_dict(unet_config("tiny")).attention_heads == (1, 2, 2, 2)
+    assert unet_config_from_dict(unet_config("tiny")).attention_heads == (1, 2, 2, 2)
     sd1_like = dict(unet_config("official"), attention_head_dim=8)
-    assert UNetConfig.from_dict(sd1_like).attention_heads == (8, 8, 8, 8)
+    assert unet_config_from_dict(sd1_like).attention_heads == (8, 8, 8, 8)
     for key, value in [("upcast_attention", True), ("num_class_embeds", 10), ("act_fn", "gelu")]:
         with pytest.raises(ValueError, match=key):
-            UNetConfig.from_dict(dict(unet_config("official"), **{key: value}))
+            unet_config_from_dict(dict(unet_config("official"), **{key: value}))
     with pytest.raises(ValueError, match="mirror"):
-        UNetConfig.from_dict(dict(unet_config("official"), up_block_types=["UpBlock2D"] * 4))
+        unet_config_from_dict(dict(unet_config("official"), up_block_types=["UpBlock2D"] * 4))
     with pytest.raises(ValueError, match="divisible"):
         UNetConfig(attention_heads=(3, 10, 20, 20))
 

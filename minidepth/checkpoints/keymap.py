@@ -3,13 +3,15 @@
 A `KeyMap` is data: an ordered list of `Rule`s. Each rule says "our parameter `target` comes from the checkpoint
 tensor(s) `source`, through `transform`". Patterns hold placeholders:
 
-    {i}, {j}, {k}, ...   an integer index (matches `[0-9]+`); in a source pattern it may be an arithmetic expression of
-                         the target's indices, e.g. "input_blocks.{3*i+j+1}.0" or "up.{3-i}"
+    {i}, {j}, {k}, ...   an integer index (matches `[0-9]+`), copied as is into the source pattern
     {rest}               any dotted remainder (matches `.+`), for "everything below this prefix keeps its name"
+
+Where two formats number blocks differently (LDM's `input_blocks.4` is our `down_blocks.1.resnets.0`), the map's author
+writes the concrete rules out in a plain Python loop, so that reading the map shows each pair of names.
 
 Rules are matched against OUR names, first match wins (so list specific rules before general ones). Because matching is
 always done on our side, the same table serves both directions: loading (checkpoint -> model) and saving
-(model -> checkpoint names), and source patterns may use index arithmetic freely.
+(model -> checkpoint names).
 
 Transforms (the only reshaping weights ever need here):
     "copy"      the tensor as stored
@@ -20,35 +22,13 @@ Transforms (the only reshaping weights ever need here):
 
 from __future__ import annotations
 
-import ast
 import fnmatch
-import operator
 import re
 from dataclasses import dataclass, field
 
 import torch
 
 _PLACEHOLDER = re.compile(r"\{([^{}]+)\}")
-_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
-           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod}
-
-
-def _eval_index(expr: str, env: dict[str, str]) -> str:
-    """Evaluate a placeholder like `i`, `rest`, `3*i+j+1` or `3-i` with the captured values (ints or dotted strings)."""
-    expr = expr.strip()
-    if expr in env:
-        return env[expr]
-
-    def ev(node):
-        if isinstance(node, ast.Constant) and isinstance(node.value, int):
-            return node.value
-        if isinstance(node, ast.Name) and node.id in env:
-            return int(env[node.id])
-        if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-            return _BINOPS[type(node.op)](ev(node.left), ev(node.right))
-        raise ValueError(f"unsupported key-map expression {expr!r}")
-
-    return str(ev(ast.parse(expr, mode="eval").body))
 
 
 @dataclass(frozen=True)
@@ -73,6 +53,12 @@ class Rule:
             raise ValueError(f"unknown transform {self.transform!r} in rule for {self.target!r}")
         if (self.transform == "cat") != isinstance(self.source, tuple):
             raise ValueError(f"rule for {self.target!r}: 'cat' needs a tuple of sources, other transforms one source")
+        captured = set(self._regex.groupindex)
+        for source in self.source if isinstance(self.source, tuple) else (self.source,):
+            unknown = set(_PLACEHOLDER.findall(source)) - captured
+            if unknown:
+                raise ValueError(f"rule for {self.target!r}: source {source!r} uses {sorted(unknown)}, which the target "
+                                 "does not capture (write the concrete names out in a loop instead)")
 
     def sources_for(self, name: str) -> tuple[str, ...] | None:
         """The checkpoint names that feed our parameter `name`, or None when this rule does not apply to it."""
@@ -80,7 +66,7 @@ class Rule:
         if m is None:
             return None
         env = m.groupdict()
-        fill = lambda pattern: _PLACEHOLDER.sub(lambda p: _eval_index(p.group(1), env), pattern)  # noqa: E731
+        fill = lambda pattern: _PLACEHOLDER.sub(lambda p: env[p.group(1)], pattern)  # noqa: E731
         return tuple(fill(s) for s in (self.source if isinstance(self.source, tuple) else (self.source,)))
 
     # -- tensors -----------------------------------------------------------------------------------------------------

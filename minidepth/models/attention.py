@@ -3,7 +3,8 @@
     Attention(x, context) = to_out( softmax(Q K^T / sqrt(d)) V ),   Q = to_q(x), K = to_k(context), V = to_v(context)
 
 (Vaswani et al. 2017, eq. 1, with h heads of size d). Without `context` it is self-attention (context = x).
-The UNet's spatial transformers and the VAE's mid-block both use this module.
+Every attention in minidepth is this module: the UNet's spatial transformers (self and cross), the VAE's mid-blocks,
+the text encoder's causal self-attention (`causal=True`: token t sees tokens 0..t) and the DPT's ViT blocks.
 
 How the product is computed is an explicit per-layer setting, never global state:
 
@@ -21,8 +22,9 @@ Research hook. Each layer may hold a `processor`, a callable
 
     processor(attn: Attention, q, k, v, **cross_attention_kwargs) -> out    # q (B h L d), k v (B h S d) -> (B h L d)
 
-that replaces the product (it can call `attn.attend(q, k, v)` for the configured backend, or `attention_probs(q, k)` to
-see the weights). It receives the `cross_attention_kwargs` dict given to the UNet's forward. Each layer knows its
+that replaces the product (it can call `attn.attend(q, k, v)` for the configured backend, or `attn.probs(q, k)` to
+see the weights, causal and padding masks applied). It receives the `cross_attention_kwargs` dict given to the UNet's
+forward, and `key_mask` (B, S) when the caller passed one (the text encoder with an attention mask). Each layer knows its
 dotted `name` inside the model and whether it `is_cross_attention`, so `set_attention_processor(model, fn, filter=...)`
 can pick layers. `CaptureAttentionMaps` is a ready-made processor that records the attention probabilities.
 
@@ -44,29 +46,36 @@ BACKENDS = ("sdpa", "math", "sliced", "xformers")
 
 
 # ------------------------------------------------------------------------------------------------ the products
-def attention_probs(q: torch.Tensor, k: torch.Tensor, upcast: bool = False) -> torch.Tensor:
-    """softmax(Q K^T / sqrt(d)) over the context axis: (..., L, d), (..., S, d) -> (..., L, S), in q's dtype."""
+def attention_probs(q: torch.Tensor, k: torch.Tensor, upcast: bool = False,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d)) over the context axis: (..., L, d), (..., S, d) -> (..., L, S), in q's dtype.
+    `mask` (broadcastable to (..., L, S), True = may attend) sets the scores of hidden keys to -inf."""
     dtype = q.dtype
     if upcast:
         q, k = q.float(), k.float()
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (..., L, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
     return scores.softmax(dim=-1).to(dtype)
 
 
-def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, upcast: bool = False) -> torch.Tensor:
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, upcast: bool = False,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
     """The attention product written out (Vaswani et al. 2017, eq. 1): (..., L, d) -> (..., L, d)."""
-    return attention_probs(q, k, upcast) @ v
+    return attention_probs(q, k, upcast, mask) @ v
 
 
 def sliced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slice_size: int,
-                     upcast: bool = False) -> torch.Tensor:
+                     upcast: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
     """`math_attention` over slices of the flattened (batch * heads) axis: peak memory is one slice's score matrix."""
-    batch = q.shape[0]
+    batch, heads = q.shape[:2]
     q, k, v = (rearrange(t, "B h L d -> (B h) L d") for t in (q, k, v))
+    if mask is not None:  # (B or 1, 1, L, S) -> ((B h), L, S)
+        mask = rearrange(mask.expand(batch, heads, *mask.shape[-2:]), "B h L S -> (B h) L S")
     out = torch.empty(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
     for start in range(0, q.shape[0], slice_size):
         rows = slice(start, start + slice_size)
-        out[rows] = math_attention(q[rows], k[rows], v[rows], upcast)
+        out[rows] = math_attention(q[rows], k[rows], v[rows], upcast, None if mask is None else mask[rows])
     return rearrange(out, "(B h) L d -> B h L d", B=batch)
 
 
@@ -80,10 +89,11 @@ def _import_xformers():
     return xformers.ops
 
 
-def xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
     ops = _import_xformers()
     q, k, v = (rearrange(t, "B h L d -> B L h d") for t in (q, k, v))  # xformers' layout
-    return rearrange(ops.memory_efficient_attention(q, k, v), "B L h d -> B h L d")
+    bias = ops.LowerTriangularMask() if causal else None
+    return rearrange(ops.memory_efficient_attention(q, k, v, attn_bias=bias), "B L h d -> B h L d")
 
 
 # ------------------------------------------------------------------------------------------------ the module
@@ -91,18 +101,19 @@ class Attention(nn.Module):
     """Multi-head (self- or cross-) attention.  x: (B, L, D), context: (B, S, Dc) -> (B, L, D).
 
     query_dim D, heads h, head_dim d (inner width h*d), context_dim Dc (None: self-attention, context = x).
-    `to_q/to_k/to_v` have a bias only when `qkv_bias` (the UNet's have none, the VAE's have one); `to_out` always
-    has one.
+    `to_q/to_k/to_v` have a bias only when `qkv_bias` (the UNet's have none; the VAE's, CLIP's and the DPT's have one);
+    `to_out` always has one. `causal=True`: query t attends to keys 0..t only (the text encoder).
     """
 
     def __init__(self, query_dim: int, heads: int, head_dim: int, context_dim: int | None = None,
-                 qkv_bias: bool = False):
+                 qkv_bias: bool = False, causal: bool = False):
         super().__init__()
         for arg, value in (("query_dim", query_dim), ("heads", heads), ("head_dim", head_dim)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Attention: {arg} must be a positive int, got {value!r}")
         self.heads, self.head_dim = heads, head_dim
         self.is_cross_attention = context_dim is not None
+        self.causal = causal
         inner = heads * head_dim
         self.to_q = nn.Linear(query_dim, inner, bias=qkv_bias)
         self.to_k = nn.Linear(context_dim or query_dim, inner, bias=qkv_bias)
@@ -133,34 +144,56 @@ class Attention(nn.Module):
                 raise ValueError(f"slice_size must be a positive int, 'auto' or 'max', got {slice_size!r}")
         self.backend, self.slice_size, self.upcast = backend, slice_size, bool(upcast)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def mask(self, q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Which keys each query may see, True = visible: (1 or B, 1, L, S), or None when all are.
+        The causal mask (L, S lower triangle) and/or a padding mask `key_mask` (B, S) over the keys."""
+        mask = None
+        if self.causal:
+            mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()[None, None]
+        if key_mask is not None:
+            keys = key_mask.to(device=q.device, dtype=torch.bool)[:, None, None, :]  # (B, 1, 1, S)
+            mask = keys if mask is None else mask & keys
+        return mask
+
+    def probs(self, q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None = None,
+              upcast: bool | None = None) -> torch.Tensor:
+        """This layer's attention weights softmax(Q K^T / sqrt(d)), masks applied: (B h L S)."""
+        return attention_probs(q, k, self.upcast if upcast is None else upcast, self.mask(q, k, key_mask))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The attention product with this layer's backend: (B h L d), (B h S d), (B h S d) -> (B h L d)."""
         if self.backend == "sdpa":
-            return F.scaled_dot_product_attention(q, k, v)
+            if key_mask is None:  # a causal layer lets SDPA build its own mask (what transformers' CLIP does)
+                return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask(q, k, key_mask))
         if self.backend == "math":
-            return math_attention(q, k, v, self.upcast)
+            return math_attention(q, k, v, self.upcast, self.mask(q, k, key_mask))
         if self.backend == "sliced":
-            return sliced_attention(q, k, v, self.slice_size, self.upcast)
-        return xformers_attention(q, k, v)
+            return sliced_attention(q, k, v, self.slice_size, self.upcast, self.mask(q, k, key_mask))
+        if key_mask is not None:
+            raise ValueError("the 'xformers' attention backend takes no padding mask; use backend='sdpa'")
+        return xformers_attention(q, k, v, self.causal)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                cross_attention_kwargs: dict | None = None) -> torch.Tensor:
+                cross_attention_kwargs: dict | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, L, D), context (B, S, Dc) or None, key_mask (B, S) bool or None (True = a real token) -> (B, L, D)."""
         context = x if context is None else context
         q = rearrange(self.to_q(x), "B L (h d) -> B h L d", h=self.heads)
         k = rearrange(self.to_k(context), "B S (h d) -> B h S d", h=self.heads)
         v = rearrange(self.to_v(context), "B S (h d) -> B h S d", h=self.heads)
         kwargs = cross_attention_kwargs or {}
         if self.processor is not None:
-            out = self.processor(self, q, k, v, **kwargs)
+            out = self.processor(self, q, k, v, **kwargs, **({} if key_mask is None else {"key_mask": key_mask}))
         else:
             if kwargs:  # like diffusers: keys nobody reads are ignored with a warning (Python shows it once)
                 warnings.warn(f"cross_attention_kwargs {sorted(kwargs)} are ignored: no attention processor is set "
                               "(see minidepth.models.attention.set_attention_processor)", UserWarning)
-            out = self.attend(q, k, v)
+            out = self.attend(q, k, v, key_mask)
         return self.to_out(rearrange(out, "B h L d -> B L (h d)"))
 
     def extra_repr(self) -> str:
-        kind = "cross" if self.is_cross_attention else "self"
+        kind = "cross" if self.is_cross_attention else "causal self" if self.causal else "self"
         return f"{kind}, heads={self.heads}, head_dim={self.head_dim}, backend={self.backend!r}"
 
 
@@ -226,8 +259,9 @@ class CaptureAttentionMaps:
         self.mean_over_heads, self.upcast = mean_over_heads, upcast
         self.maps: dict[str, list[torch.Tensor]] = {}
 
-    def __call__(self, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
-        probs = attention_probs(q, k, self.upcast)  # (B h L S)
+    def __call__(self, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 key_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        probs = attn.probs(q, k, key_mask, self.upcast)  # (B h L S), causal / padding masks applied
         self.maps.setdefault(attn.name, []).append((probs.mean(dim=1) if self.mean_over_heads else probs).detach())
         return probs @ v
 

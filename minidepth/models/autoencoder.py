@@ -11,37 +11,25 @@ z * scaling_factor (0.18215, sec. 4.3.2 / app. D.1: unit variance for the latent
               a conv except in the last) -> GroupNorm, SiLU, conv_out
 
 Parameter names follow diffusers' `AutoencoderKL`, except where a plainer name reads better (`mid_block.resnet_1`,
-`mid_block.attention`, `down_blocks.i.downsample`, `norm_out`); the key maps at the end of this file spell out every
-difference. Memory switches: `enable_slicing()` (one sample at a time) and `enable_tiling()` (`autoencoder_tiling.py`).
+`mid_block.attention`, `down_blocks.i.downsample`, `norm_out`); the key maps in `minidepth/checkpoints/` spell out
+every difference. Memory switches: `enable_slicing()` (one sample at a time) and `enable_tiling()` (`autoencoder_tiling.py`).
 
 Shapes: images `B C H W` (C = 3), moments `B 2c h w`, latents `B c h w` (c = 4), h = H / 8 for H a multiple of 8.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoints import (IDENTITY, KeyMap, Rule, TensorFile, build_on_meta, find_weights, mapped_state_dict,
-                           prefixed, read_json)
-from ..checkpoints.loader import save_component
+from ..checkpoints.pretrained import Pretrained
 from ..noise import randn_tensor
 from .attention import Attention
 from .autoencoder_tiling import tiled_decode, tiled_encode
 from .blocks import ResnetBlock, Upsample
-
-
-# diffusers' AutoencoderKL.__init__ defaults: what a config.json without these keys means
-_DIFFUSERS_DEFAULTS = {"in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"],
-                       "up_block_types": ["UpDecoderBlock2D"], "block_out_channels": [64], "layers_per_block": 1,
-                       "act_fn": "silu", "latent_channels": 4, "norm_num_groups": 32, "sample_size": 32,
-                       "scaling_factor": 0.18215}
 
 
 @dataclass(frozen=True)
@@ -57,44 +45,8 @@ class AutoencoderKLConfig:
 
     @classmethod
     def sd2_depth(cls) -> "AutoencoderKLConfig":
+        """stable-diffusion-2-depth's `vae/config.json`: the defaults above (83,653,863 parameters)."""
         return cls()
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "AutoencoderKLConfig":
-        """From a diffusers `vae/config.json`. Traps:
-        - keys the file leaves out take diffusers' `AutoencoderKL` defaults, not SD2's: SD2-depth's config has no
-          `scaling_factor` (-> 0.18215); a config without `sample_size` tiles at 32 pixels;
-        - only the SD layout is built: one "DownEncoderBlock2D" / "UpDecoderBlock2D" per entry of block_out_channels,
-          act_fn "silu", quant convs and mid-block attention present, no latent shift/normalisation (SDXL/SD3/Flux);
-        - `sample_size` may be a list in some configs: its first entry is the tile size;
-        - `force_upcast` only matters to SDXL pipelines and is ignored; unknown keys are refused."""
-        d = {**_DIFFUSERS_DEFAULTS, **{k: v for k, v in d.items() if not k.startswith("_")}}
-        n = len(d["block_out_channels"])
-        required = {"down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
-                    "act_fn": ("silu", "swish"), "use_quant_conv": (True,), "use_post_quant_conv": (True,),
-                    "mid_block_add_attention": (True,), "shift_factor": (None,), "latents_mean": (None,),
-                    "latents_std": (None,), "force_upcast": (True, False)}
-        for key, accepted in required.items():
-            if key not in d:
-                continue
-            value = d.pop(key)
-            ok = list(value) == accepted if key.endswith("block_types") else value in accepted
-            if not ok:
-                raise ValueError(f"AutoencoderKLConfig.from_dict: {key}={value!r} is not supported "
-                                 f"(accepted: {accepted!r})")
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"AutoencoderKLConfig.from_dict: unknown config keys {sorted(unknown)}")
-        if isinstance(d.get("sample_size"), (list, tuple)):
-            d["sample_size"] = d["sample_size"][0]
-        return cls(**{**d, "block_out_channels": tuple(d["block_out_channels"])})
-
-    def to_dict(self) -> dict:
-        """diffusers' `vae/config.json` for this model (what `from_dict` reads back; diffusers loads it too)."""
-        n = len(self.block_out_channels)
-        return {"_class_name": "AutoencoderKL", **dataclasses.asdict(self), "act_fn": "silu",
-                "block_out_channels": list(self.block_out_channels),
-                "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n}
 
 
 # ------------------------------------------------------------------------------------------------ posterior
@@ -236,7 +188,7 @@ class Decoder(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ the autoencoder
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(nn.Module, Pretrained):
     """encode: images (B, 3, H, W) in [-1, 1] -> DiagonalGaussian over latents (B, 4, H/8, W/8);
     decode: latents (B, 4, h, w) (unscaled: divide the UNet's latents by `config.scaling_factor`) -> (B, 3, 8h, 8w)."""
 
@@ -312,46 +264,6 @@ class AutoencoderKL(nn.Module):
         posterior = self.encode(x)
         return self.decode(posterior.sample(generator) if sample_posterior else posterior.mode())
 
-    # -- loading and saving
-    @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
-                        device: torch.device | str | None = None, variant: str | None = None) -> "AutoencoderKL":
-        """From a diffusers `vae/` folder (config.json + diffusion_pytorch_model[.variant].safetensors/.bin). Both
-        attention namings load (legacy query/key/value/proj_attn as on the hub, or to_q/to_k/to_v/to_out.0).
-        dtype=None gives float32, as diffusers does (an fp16 variant is upcast)."""
-        folder = Path(folder)
-        config = AutoencoderKLConfig.from_dict(read_json(folder / "config.json"))
-        path = find_weights(folder, stems=("diffusion_pytorch_model",), variant=variant)
-        tensors = TensorFile(path)
-        keymap = DIFFUSERS_LEGACY_KEYS if any(".attentions.0.query." in n for n in tensors) else DIFFUSERS_KEYS
-        return cls._filled(config, tensors, keymap, dtype, device, str(path))
-
-    @classmethod
-    def from_single_file(cls, path: str | os.PathLike, config: AutoencoderKLConfig | None = None, *,
-                         dtype: torch.dtype | None = None, device=None) -> "AutoencoderKL":
-        """From the original LDM checkpoint (e.g. `512-depth-ema.safetensors`): its `first_stage_model.*` tensors."""
-        config = config or AutoencoderKLConfig.sd2_depth()
-        if len(config.block_out_channels) != 4:
-            raise ValueError(f"LDM_KEYS describe 4 resolution levels, config has {len(config.block_out_channels)}")
-        file = TensorFile(path)
-        tensors = {n: file[n] for n in file if n.startswith("first_stage_model.")}
-        return cls._filled(config, tensors, LDM_KEYS, dtype, device, str(path))
-
-    @classmethod
-    def _filled(cls, config, tensors, keymap, dtype, device, where) -> "AutoencoderKL":
-        dtype = torch.float32 if dtype is None else dtype
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating torch.dtype (e.g. torch.float16), got {dtype!r}")
-        model = build_on_meta(lambda: cls(config))
-        state = mapped_state_dict(model, tensors, keymap, dtype=dtype, device=device, where=where)
-        model.load_state_dict(state, strict=True, assign=True)
-        return model.eval()
-
-    def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Write a diffusers `vae/` folder (current attention names); diffusers' AutoencoderKL loads it."""
-        save_component(folder, self.config.to_dict(), self, DIFFUSERS_KEYS, "diffusion_pytorch_model.safetensors")
-
-
 def _check_batch(t, name: str, channels: int, what: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of {what}, got {type(t).__name__}")
@@ -359,53 +271,3 @@ def _check_batch(t, name: str, channels: int, what: str) -> None:
         raise ValueError(f"{name} must be {what} with {channels} channels, got shape {tuple(t.shape)}")
     if not t.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-
-
-# ------------------------------------------------------------------------------------------------ key maps (data)
-def _both(target: str, source: str, transform: str = "copy") -> tuple[Rule, ...]:
-    """The same rule for the encoder and the decoder: "CODER" stands for either."""
-    return tuple(Rule(target.replace("CODER", c), source.replace("CODER", c), transform)
-                 for c in ("encoder", "decoder"))
-
-
-def _diffusers_rules(q: str, k: str, v: str, out: str) -> tuple[Rule, ...]:
-    return (
-        Rule("encoder.down_blocks.{i}.downsample.{rest}", "encoder.down_blocks.{i}.downsamplers.0.conv.{rest}"),
-        Rule("decoder.up_blocks.{i}.upsample.{rest}", "decoder.up_blocks.{i}.upsamplers.0.{rest}"),
-        *_both("CODER.mid_block.resnet_1.{rest}", "CODER.mid_block.resnets.0.{rest}"),
-        *_both("CODER.mid_block.resnet_2.{rest}", "CODER.mid_block.resnets.1.{rest}"),
-        *_both("CODER.mid_block.attention.to_q.{rest}", f"CODER.mid_block.attentions.0.{q}.{{rest}}"),
-        *_both("CODER.mid_block.attention.to_k.{rest}", f"CODER.mid_block.attentions.0.{k}.{{rest}}"),
-        *_both("CODER.mid_block.attention.to_v.{rest}", f"CODER.mid_block.attentions.0.{v}.{{rest}}"),
-        *_both("CODER.mid_block.attention.to_out.{rest}", f"CODER.mid_block.attentions.0.{out}.{{rest}}"),
-        *_both("CODER.mid_block.attention.group_norm.{rest}", "CODER.mid_block.attentions.0.group_norm.{rest}"),
-        *_both("CODER.norm_out.{rest}", "CODER.conv_norm_out.{rest}"),
-        *IDENTITY,  # conv_in, conv_out, the blocks' resnets, quant_conv, post_quant_conv
-    )
-
-
-# diffusers >= 0.14 names (what `AutoencoderKL.save_pretrained` writes today)
-DIFFUSERS_KEYS = KeyMap("diffusers AutoencoderKL", _diffusers_rules("to_q", "to_k", "to_v", "to_out.0"))
-# the names in the hub's SD2 files (saved before diffusers renamed its attention layers)
-DIFFUSERS_LEGACY_KEYS = KeyMap("diffusers AutoencoderKL (legacy attention names)",
-                               _diffusers_rules("query", "key", "value", "proj_attn"))
-
-# The original LDM single file, `first_stage_model.*` (shared/reference/keys/map_vae_ldm_to_diffusers.tsv). LDM numbers
-# the decoder's levels from the output end: our up_blocks.i (i-th applied) is LDM's up.(3-i). Its attention
-# projections are 1x1 convolutions, squeezed to linear weights.
-LDM_KEYS = KeyMap("LDM first_stage_model", prefixed("first_stage_model.", (
-    Rule("encoder.down_blocks.{i}.resnets.{j}.conv_shortcut.{rest}", "encoder.down.{i}.block.{j}.nin_shortcut.{rest}"),
-    Rule("encoder.down_blocks.{i}.resnets.{j}.{rest}", "encoder.down.{i}.block.{j}.{rest}"),
-    Rule("encoder.down_blocks.{i}.downsample.{rest}", "encoder.down.{i}.downsample.conv.{rest}"),
-    Rule("decoder.up_blocks.{i}.resnets.{j}.conv_shortcut.{rest}", "decoder.up.{3-i}.block.{j}.nin_shortcut.{rest}"),
-    Rule("decoder.up_blocks.{i}.resnets.{j}.{rest}", "decoder.up.{3-i}.block.{j}.{rest}"),
-    Rule("decoder.up_blocks.{i}.upsample.{rest}", "decoder.up.{3-i}.upsample.{rest}"),
-    *_both("CODER.mid_block.resnet_1.{rest}", "CODER.mid.block_1.{rest}"),
-    *_both("CODER.mid_block.resnet_2.{rest}", "CODER.mid.block_2.{rest}"),
-    *_both("CODER.mid_block.attention.group_norm.{rest}", "CODER.mid.attn_1.norm.{rest}"),
-    *_both("CODER.mid_block.attention.to_q.{rest}", "CODER.mid.attn_1.q.{rest}", "squeeze"),
-    *_both("CODER.mid_block.attention.to_k.{rest}", "CODER.mid.attn_1.k.{rest}", "squeeze"),
-    *_both("CODER.mid_block.attention.to_v.{rest}", "CODER.mid.attn_1.v.{rest}", "squeeze"),
-    *_both("CODER.mid_block.attention.to_out.{rest}", "CODER.mid.attn_1.proj_out.{rest}", "squeeze"),
-    *IDENTITY,  # conv_in, conv_out, norm_out, quant_conv, post_quant_conv
-)))

@@ -16,8 +16,8 @@ original MiDaS code used; everything else is written out here. The backbone retu
 explicitly (no forward hooks). Position embeddings are resized to the input's token grid with plain bilinear
 interpolation (what transformers does), so any input whose sides are multiples of 16 works, e.g. 384 x 512.
 
-Weights load from the hub layout (`TRANSFORMERS_KEYS`, transformers' DPTForDepthEstimation) or the original MiDaS names
-(`MIDAS_KEYS`; inside the single-file SD2 checkpoint under `depth_model.model.`).
+Weights load from the hub layout (transformers' DPTForDepthEstimation, `checkpoints/transformers_format.py`) or the
+original MiDaS names (inside the single-file SD2 checkpoint under `depth_model.model.`; `checkpoints/ldm_format.py`).
 
 Shapes: B batch, C channels, H W pixels, h w token grid (H/16, W/16), L = 1 + h*w tokens (CLS first), D ViT width,
 n heads, d head size.
@@ -25,7 +25,6 @@ n heads, d head size.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import partial
 
@@ -36,7 +35,8 @@ from timm.layers import GroupNormAct, StdConv2dSame
 from timm.models.resnetv2 import ResNetV2
 from torch import nn
 
-from ..checkpoints import KeyMap, Rule, build_on_meta, find_weights, load_weights, prefixed, read_json, save_component
+from ..checkpoints.pretrained import Pretrained
+from .attention import Attention, name_attention_layers
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -76,83 +76,12 @@ class DPTConfig:
 
     @classmethod
     def sd2_depth(cls) -> DPTConfig:
-        """Intel/dpt-hybrid-midas, as shipped in stable-diffusion-2-depth/depth_estimator."""
+        """Intel/dpt-hybrid-midas, as shipped in stable-diffusion-2-depth/depth_estimator: the defaults above
+        (122,377,985 parameters)."""
         return cls()
-
-    @classmethod
-    def from_dict(cls, d: dict) -> DPTConfig:
-        """From transformers' DPT `config.json` (hybrid only). Traps, spelled out:
-        - `backbone_config.hidden_sizes` lists 4 widths but only the first `len(depths)` stages exist;
-        - `backbone_out_indices` has 4 entries but the hybrid uses only the last two (ViT blocks); levels 0 and 1
-          are always BiT stages 1 and 2;
-        - `reassemble_factors[:2]` are ignored for the hybrid (those levels are already maps);
-        - `layer_norm_eps` is 1e-12 (transformers' ViT default), not timm's 1e-6;
-        - `use_auxiliary_head` only concerns DPTForSemanticSegmentation: the depth model has no such head;
-        - `patch_size` 16 only sizes the position-embedding grid: the tokens are 1x1 projections of the ResNet map.
-        """
-        checks = {"is_hybrid": True, "readout_type": "project", "use_batch_norm_in_fusion_residual": False,
-                  "add_projection": False, "head_in_index": -1, "hidden_act": "gelu", "qkv_bias": True,
-                  "num_channels": 3, "neck_ignore_stages": [0, 1]}
-        bb = d.get("backbone_config") or {}
-        bb_checks = {"layer_type": "bottleneck", "global_padding": "SAME", "width_factor": 1, "hidden_act": "relu"}
-        for where, src, want in (("", d, checks), ("backbone_config.", bb, bb_checks)):
-            for key, value in want.items():
-                if src.get(key, value) != value:
-                    raise ValueError(f"DPT config: {where}{key}={src[key]!r} is not supported (only {value!r})")
-        if d.get("use_bias_in_fusion_residual") is False:
-            raise ValueError("DPT config: use_bias_in_fusion_residual=False is not supported")
-        depths = tuple(bb["depths"])
-        widths = tuple(bb["hidden_sizes"][:len(depths)])
-        featmap = d.get("backbone_featmap_shape")
-        if featmap is not None and featmap[1] != widths[-1]:
-            raise ValueError(f"DPT config: backbone_featmap_shape {featmap} disagrees with the last BiT width "
-                             f"{widths[-1]}")
-        factors = d.get("reassemble_factors", [1, 1, 1, 0.5])
-        return cls(stem_width=bb["embedding_size"], stage_widths=widths, stage_depths=depths,
-                   num_groups=bb["num_groups"], hidden_size=d["hidden_size"], num_layers=d["num_hidden_layers"],
-                   num_heads=d["num_attention_heads"], mlp_size=d["intermediate_size"],
-                   layer_norm_eps=d.get("layer_norm_eps", 1e-12), image_size=d.get("image_size", 384),
-                   patch_size=d.get("patch_size", 16), vit_out_indices=tuple(d["backbone_out_indices"][2:]),
-                   neck_sizes=tuple(d["neck_hidden_sizes"]), reassemble_factors=tuple(float(f) for f in factors[2:]),
-                   fusion_size=d["fusion_hidden_size"])
-
-    def to_dict(self) -> dict:
-        """transformers' DPT config.json for this model (what `from_dict` reads; transformers loads it too)."""
-        return {"architectures": ["DPTForDepthEstimation"], "model_type": "dpt", "is_hybrid": True,
-                "hidden_size": self.hidden_size, "num_hidden_layers": self.num_layers,
-                "num_attention_heads": self.num_heads, "intermediate_size": self.mlp_size, "hidden_act": "gelu",
-                "layer_norm_eps": self.layer_norm_eps, "image_size": self.image_size, "patch_size": self.patch_size,
-                "num_channels": 3, "qkv_bias": True, "readout_type": "project",
-                "backbone_out_indices": [2, 5, *self.vit_out_indices],  # the hybrid reads only the last two
-                "neck_hidden_sizes": list(self.neck_sizes), "neck_ignore_stages": [0, 1],
-                "reassemble_factors": [1, 1, *self.reassemble_factors], "fusion_hidden_size": self.fusion_size,
-                "head_in_index": -1, "use_batch_norm_in_fusion_residual": False,
-                "backbone_featmap_shape": [1, self.stage_widths[-1], self.image_size // self.patch_size,
-                                           self.image_size // self.patch_size],
-                "backbone_config": {"model_type": "bit", "layer_type": "bottleneck", "global_padding": "SAME",
-                                    "embedding_dynamic_padding": True, "hidden_act": "relu",
-                                    "embedding_size": self.stem_width, "num_groups": self.num_groups,
-                                    "depths": list(self.stage_depths),
-                                    "hidden_sizes": [*self.stage_widths, 2 * self.stage_widths[-1]],
-                                    "out_features": [f"stage{i + 1}" for i in range(len(self.stage_depths))]}}
 
 
 # ------------------------------------------------------------------------------------------------ backbone
-class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection (timm layout)."""
-
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = rearrange(self.qkv(x), "B L (three n d) -> three B n L d", three=3, n=self.heads)
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(rearrange(x, "B n L d -> B L (n d)"))
-
-
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -168,7 +97,7 @@ class ViTBlock(nn.Module):
     def __init__(self, cfg: DPTConfig):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.attn = Attention(cfg.hidden_size, cfg.num_heads)
+        self.attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.hidden_size // cfg.num_heads, qkv_bias=True)
         self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.mlp_size)
 
@@ -304,7 +233,7 @@ class DPTNeck(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ the model
-class DPTDepthModel(nn.Module):
+class DPTDepthModel(nn.Module, Pretrained):
     """DPT-Hybrid: pixels (B, 3, H, W) normalised to [-1, 1] -> predicted_depth (B, H, W), relative inverse depth."""
 
     def __init__(self, cfg: DPTConfig | None = None):
@@ -321,6 +250,7 @@ class DPTDepthModel(nn.Module):
             nn.Conv2d(cfg.head_size, 1, kernel_size=1),
             nn.ReLU(),                                            # depth is non-negative
         )
+        name_attention_layers(self)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -338,76 +268,3 @@ class DPTDepthModel(nn.Module):
                              f"got {tuple(pixel_values.shape[-2:])}")
         features, (h, w) = self.backbone(pixel_values)
         return self.head(self.neck(features, h, w)).squeeze(1)  # (B, H, W)
-
-    @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
-                        device: torch.device | str | None = None, variant: str | None = None) -> DPTDepthModel:
-        """A hub `depth_estimator/` folder: config.json + model[.variant].safetensors (transformers names)."""
-        folder = os.fspath(folder)
-        cfg = DPTConfig.from_dict(read_json(os.path.join(folder, "config.json")))
-        model = build_on_meta(lambda: cls(cfg))
-        load_weights(model, find_weights(folder, ("model", "pytorch_model"), variant), TRANSFORMERS_KEYS, dtype=dtype,
-                     device=device)
-        return model.eval()
-
-    def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Write a transformers `depth_estimator/` folder (config.json + model.safetensors)."""
-        save_component(folder, self.config.to_dict(), self, TRANSFORMERS_KEYS, "model.safetensors")
-
-
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-# ------------------------------------------------------------------------------------------------ weight names
-_QKV = ("query", "key", "value")
-
-TRANSFORMERS_KEYS = KeyMap("transformers DPTForDepthEstimation (hybrid)", (
-    Rule("backbone.cls_token", "dpt.embeddings.cls_token"),
-    Rule("backbone.pos_embed", "dpt.embeddings.position_embeddings"),
-    Rule("backbone.resnet.stem.conv.{rest}", "dpt.embeddings.backbone.bit.embedder.convolution.{rest}"),
-    Rule("backbone.resnet.stem.norm.{rest}", "dpt.embeddings.backbone.bit.embedder.norm.{rest}"),
-    Rule("backbone.resnet.stages.{i}.blocks.{j}.{rest}",
-         "dpt.embeddings.backbone.bit.encoder.stages.{i}.layers.{j}.{rest}"),
-    Rule("backbone.proj.{rest}", "dpt.embeddings.projection.{rest}"),
-    Rule("backbone.blocks.{i}.norm1.{rest}", "dpt.encoder.layer.{i}.layernorm_before.{rest}"),
-    Rule("backbone.blocks.{i}.attn.qkv.{rest}",
-         tuple(f"dpt.encoder.layer.{{i}}.attention.attention.{n}.{{rest}}" for n in _QKV), "cat"),
-    Rule("backbone.blocks.{i}.attn.proj.{rest}", "dpt.encoder.layer.{i}.attention.output.dense.{rest}"),
-    Rule("backbone.blocks.{i}.norm2.{rest}", "dpt.encoder.layer.{i}.layernorm_after.{rest}"),
-    Rule("backbone.blocks.{i}.mlp.fc1.{rest}", "dpt.encoder.layer.{i}.intermediate.dense.{rest}"),
-    Rule("backbone.blocks.{i}.mlp.fc2.{rest}", "dpt.encoder.layer.{i}.output.dense.{rest}"),
-    Rule("backbone.norm.{rest}", "dpt.layernorm.{rest}"),
-    Rule("neck.reassemble.{i}.readout.{rest}", "neck.reassemble_stage.readout_projects.{i}.0.{rest}"),
-    Rule("neck.reassemble.{i}.project.{rest}", "neck.reassemble_stage.layers.{i}.projection.{rest}"),
-    Rule("neck.reassemble.{i}.resize.{rest}", "neck.reassemble_stage.layers.{i}.resize.{rest}"),
-    Rule("neck.convs.{rest}", "neck.convs.{rest}"),
-    Rule("neck.fusion.{i}.unit{j}.conv{k}.{rest}",
-         "neck.fusion_stage.layers.{i}.residual_layer{j}.convolution{k}.{rest}"),
-    Rule("neck.fusion.{i}.out_conv.{rest}", "neck.fusion_stage.layers.{i}.projection.{rest}"),
-    Rule("head.{rest}", "head.head.{rest}"),
-))
-# DPTForDepthEstimation saves no pooler and no auxiliary head (those belong to DPTModel / DPTForSemanticSegmentation),
-# so the hub file's 414 tensors map one to one.
-
-MIDAS_RULES = (
-    Rule("backbone.cls_token", "pretrained.model.cls_token"),
-    Rule("backbone.pos_embed", "pretrained.model.pos_embed"),
-    Rule("backbone.resnet.{rest}", "pretrained.model.patch_embed.backbone.{rest}"),
-    Rule("backbone.proj.{rest}", "pretrained.model.patch_embed.proj.{rest}"),
-    Rule("backbone.blocks.{rest}", "pretrained.model.blocks.{rest}"),
-    Rule("backbone.norm.{rest}", "pretrained.model.norm.{rest}"),
-    Rule("neck.reassemble.{i}.readout.{rest}", "pretrained.act_postprocess{i+1}.0.project.0.{rest}"),
-    Rule("neck.reassemble.{i}.project.{rest}", "pretrained.act_postprocess{i+1}.3.{rest}"),
-    Rule("neck.reassemble.{i}.resize.{rest}", "pretrained.act_postprocess{i+1}.4.{rest}"),
-    Rule("neck.convs.{i}.{rest}", "scratch.layer{i+1}_rn.{rest}"),
-    Rule("neck.fusion.{i}.unit{j}.{rest}", "scratch.refinenet{4-i}.resConfUnit{j}.{rest}"),
-    Rule("neck.fusion.{i}.out_conv.{rest}", "scratch.refinenet{4-i}.out_conv.{rest}"),
-    Rule("head.{rest}", "scratch.output_conv.{rest}"),
-)
-# The original MiDaS file `dpt_hybrid-midas-501f0c75.pt` (368 tensors) also keeps timm's ImageNet classifier of the ViT.
-MIDAS_KEYS = KeyMap("MiDaS dpt_hybrid", MIDAS_RULES, ignore=("pretrained.model.head.*",))
-# The same names inside the single-file SD2-depth checkpoint (512-depth-ema.safetensors); other components' tensors
-# of that file are for their own loaders to take.
-LDM_KEYS = KeyMap("LDM depth_model (MiDaS dpt_hybrid)", prefixed("depth_model.model.", MIDAS_RULES),
-                  ignore=("depth_model.model.pretrained.model.head.*",))

@@ -14,6 +14,23 @@ Layout (SD2-depth sizes; latents are image/8, e.g. 64x64 for 512x512):
                  Ronneberger et al. 2015); blocks 0-2 end with an Upsample to the next skip's size
     conv_norm_out, SiLU, conv_out 320 -> 4
 
+Skip connections (channels x latent side at 512x512). The down path pushes every intermediate output on a stack;
+each up block pops `layers + 1` = 3 of them, newest first, and concatenates each to its input channels:
+
+    pushed by         skip  channels  side        popped by (newest first)
+    conv_in           s0    320       64          up_blocks.3 (last)
+    down_blocks.0     s1 s2 320       64          up_blocks.3
+      Downsample      s3    320       32          up_blocks.2 (last)
+    down_blocks.1     s4 s5 640       32          up_blocks.2
+      Downsample      s6    640       16          up_blocks.1 (last)
+    down_blocks.2     s7 s8 1280      16          up_blocks.1
+      Downsample      s9    1280      8           up_blocks.0 (last)
+    down_blocks.3     s10   1280      8           up_blocks.0
+                      s11   1280      8           up_blocks.0 (first)
+
+    up_blocks.0  8 -> 16   1280 ch: cat s11, s10, s9, Upsample     up_blocks.2  32 -> 64   640 ch: cat s5, s4, s3, Upsample
+    up_blocks.1  16 -> 32  1280 ch: cat s8, s7, s6, Upsample      up_blocks.3  64         320 ch: cat s2, s1, s0
+
 The time step enters every ResnetBlock through a sinusoidal embedding (Vaswani et al. 2017 sec. 3.5, as in DDPM)
 followed by a two-layer MLP; the text enters every SpatialTransformer through cross-attention.
 
@@ -24,17 +41,14 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoints.keymap import KeyMap, Rule
-from ..checkpoints.loader import build_on_meta, find_weights, load_weights, read_json, save_component
+from ..checkpoints.pretrained import Pretrained
 from .attention import name_attention_layers
 from .blocks import Downsample, ResnetBlock, SpatialTransformer, Upsample
 
@@ -70,67 +84,12 @@ class UNetConfig:
 
     @classmethod
     def sd2_depth(cls) -> "UNetConfig":
+        """stable-diffusion-2-depth's `unet/config.json`: the defaults above (865,913,604 parameters)."""
         return cls()
 
     @property
     def time_embed_dim(self) -> int:
         return 4 * self.block_out_channels[0]
-
-    # diffusers config keys that we do not implement: each must be absent or have the value given here
-    _FIXED = {"act_fn": "silu", "center_input_sample": False, "dual_cross_attention": False,
-              "only_cross_attention": False, "num_class_embeds": None, "class_embed_type": None,
-              "addition_embed_type": None, "mid_block_scale_factor": 1, "downsample_padding": 1,
-              "upcast_attention": False, "resnet_time_scale_shift": "default", "time_embedding_type": "positional",
-              "mid_block_type": "UNetMidBlock2DCrossAttn", "encoder_hid_dim": None, "conv_in_kernel": 3,
-              "conv_out_kernel": 3, "time_cond_proj_dim": None, "attention_type": "default"}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "UNetConfig":
-        """From a diffusers `unet/config.json`. Traps spelled out:
-        - `attention_head_dim` is, for SD 2 configs, the NUMBER OF HEADS per level ([5, 10, 20, 20] -> head size 64),
-          a historical misnomer diffusers keeps; a newer `num_attention_heads` key, when set, takes precedence.
-        - `in_channels` = 5: 4 latent channels + 1 depth channel.
-        - `use_linear_projection` true: proj_in/proj_out are Linear layers (SD1 checkpoints use 1x1 convs).
-        - `flip_sin_to_cos` true and `freq_shift` 0: the LDM timestep embedding ([cos, sin], no shift).
-        - the up path must mirror the down path (CrossAttnUpBlock2D for every CrossAttnDownBlock2D, reversed).
-        """
-        for key, value in cls._FIXED.items():
-            if d.get(key, value) != value:
-                raise ValueError(f"UNet config: {key}={d[key]!r} is not supported by minidepth (only {value!r})")
-        down = list(d["down_block_types"])
-        allowed = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
-        if any(t not in allowed for t in down):
-            raise ValueError(f"UNet config: down_block_types {down} may only contain {sorted(allowed)}")
-        mirror = ["CrossAttnUpBlock2D" if allowed[t] else "UpBlock2D" for t in reversed(down)]
-        if list(d.get("up_block_types", mirror)) != mirror:
-            raise ValueError(f"UNet config: up_block_types {d['up_block_types']} must mirror down_block_types "
-                             f"(expected {mirror})")
-        channels = tuple(d["block_out_channels"])
-        heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)  # a head COUNT, see above
-        heads = tuple(heads) if isinstance(heads, (list, tuple)) else (heads,) * len(channels)
-        depth = d.get("transformer_layers_per_block", 1)
-        if not isinstance(depth, int):
-            raise ValueError(f"UNet config: transformer_layers_per_block={depth!r}: only one int is supported")
-        return cls(in_channels=d["in_channels"], out_channels=d["out_channels"], block_out_channels=channels,
-                   attention_heads=heads, cross_attention=tuple(allowed[t] for t in down),
-                   layers_per_block=d["layers_per_block"], transformer_depth=depth,
-                   cross_attention_dim=d["cross_attention_dim"], norm_num_groups=d.get("norm_num_groups", 32),
-                   norm_eps=d.get("norm_eps", 1e-5), use_linear_projection=d.get("use_linear_projection", False),
-                   flip_sin_to_cos=d.get("flip_sin_to_cos", True), freq_shift=d.get("freq_shift", 0),
-                   sample_size=d.get("sample_size") or 32)
-
-    def to_dict(self) -> dict:
-        """diffusers' `unet/config.json` for this model (what `from_dict` reads back; diffusers loads it too)."""
-        down = ["CrossAttnDownBlock2D" if x else "DownBlock2D" for x in self.cross_attention]
-        up = ["CrossAttnUpBlock2D" if x else "UpBlock2D" for x in reversed(self.cross_attention)]
-        return {"_class_name": "UNet2DConditionModel", **self._FIXED, "in_channels": self.in_channels,
-                "out_channels": self.out_channels, "block_out_channels": list(self.block_out_channels),
-                "attention_head_dim": list(self.attention_heads), "down_block_types": down, "up_block_types": up,
-                "layers_per_block": self.layers_per_block, "transformer_layers_per_block": self.transformer_depth,
-                "cross_attention_dim": self.cross_attention_dim, "norm_num_groups": self.norm_num_groups,
-                "norm_eps": self.norm_eps, "use_linear_projection": self.use_linear_projection,
-                "flip_sin_to_cos": self.flip_sin_to_cos, "freq_shift": self.freq_shift,
-                "sample_size": self.sample_size}
 
 
 # ------------------------------------------------------------------------------------------------ time embedding
@@ -206,7 +165,7 @@ class MidBlock(nn.Module):
 
 class UpBlock(nn.Module):
     """One level of the decoder path: (layers+1) x (concat skip -> ResnetBlock [+ SpatialTransformer]) [+ Upsample].
-    `skip_chs` are the channel counts of the skips it consumes, in the order it consumes them."""
+    `skip_chs` are the channel counts of the skips it consumes, in the order it consumes them (newest first)."""
 
     def __init__(self, cfg: UNetConfig, in_ch: int, out_ch: int, skip_chs: list[int], heads: int | None,
                  upsample: bool):
@@ -218,8 +177,9 @@ class UpBlock(nn.Module):
         self.upsample = Upsample(out_ch) if upsample else None
 
     def forward(self, x, skips: list[torch.Tensor], temb, context, cross_attention_kwargs=None, upsample_size=None):
-        for j, resnet in enumerate(self.resnets):
-            x = resnet(torch.cat([x, skips.pop()], dim=1), temb)  # (B, C + C_skip, H, W) -> (B, C_out, H, W)
+        """`skips`: one per ResnetBlock, in the order they are concatenated (newest first)."""
+        for j, (resnet, skip) in enumerate(zip(self.resnets, skips)):
+            x = resnet(torch.cat([x, skip], dim=1), temb)  # (B, C + C_skip, H, W) -> (B, C_out, H, W)
             if self.attentions:
                 x = self.attentions[j](x, context, cross_attention_kwargs)
         if self.upsample is not None:
@@ -233,13 +193,13 @@ def _transformer(cfg: UNetConfig, ch: int, heads: int) -> SpatialTransformer:
 
 
 # ------------------------------------------------------------------------------------------------ the UNet
-class UNet(nn.Module):
+class UNet(nn.Module, Pretrained):
     """sample (B, in_channels, H, W), timestep, encoder_hidden_states (B, S, Dc)
     -> noise prediction (B, out_channels, H, W)."""
 
-    def __init__(self, cfg: UNetConfig = UNetConfig()):
+    def __init__(self, cfg: UNetConfig | None = None):
         super().__init__()
-        self.config = cfg
+        self.config = cfg = cfg or UNetConfig.sd2_depth()
         chs, n = cfg.block_out_channels, len(cfg.block_out_channels)
         heads = [h if cross else None for h, cross in zip(cfg.attention_heads, cfg.cross_attention)]
         self.time_embedding = TimestepEmbedding(chs[0], cfg.time_embed_dim)
@@ -288,15 +248,15 @@ class UNet(nn.Module):
         temb = self.time_embedding(t_emb)  # (B, 4*C0)
 
         x = self.conv_in(sample)  # (B, C0, H, W)
-        skips = [x]
+        skips = [x]  # a stack: s0, s1, ... (see the module docstring's table)
         for block in self.down_blocks:
-            x, block_skips = block(x, temb, encoder_hidden_states, cross_attention_kwargs)
-            skips += block_skips
-        x = self.mid_block(x, temb, encoder_hidden_states, cross_attention_kwargs)
+            x, pushed = block(x, temb, encoder_hidden_states, cross_attention_kwargs)
+            skips.extend(pushed)
+        x = self.mid_block(x, temb, encoder_hidden_states, cross_attention_kwargs)  # (B, C_last, H/8, W/8)
         for block in self.up_blocks:
-            mine, skips = skips[-len(block.resnets):], skips[:-len(block.resnets)]
-            size = skips[-1].shape[-2:] if skips else None  # upsample to the next level's skip size (odd sizes)
-            x = block(x, mine, temb, encoder_hidden_states, cross_attention_kwargs, upsample_size=size)
+            popped = [skips.pop() for _ in block.resnets]  # newest first, e.g. s11, s10, s9 for up_blocks.0
+            size = skips[-1].shape[-2:] if skips else None  # upsample to the next skips' size (odd sizes round-trip)
+            x = block(x, popped, temb, encoder_hidden_states, cross_attention_kwargs, upsample_size=size)
         return self.conv_out(F.silu(self.conv_norm_out(x)))  # (B, out_channels, H, W)
 
     def _check_inputs(self, sample, context):
@@ -315,33 +275,6 @@ class UNet(nn.Module):
             raise ValueError(f"sample ({sample.dtype}) and encoder_hidden_states ({context.dtype}) must have the "
                              f"UNet's dtype ({self.dtype})")
 
-    # -- loading --------------------------------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
-                        device: torch.device | str | None = None, variant: str | None = None) -> "UNet":
-        """Load a diffusers `unet/` folder: config.json + diffusion_pytorch_model[.variant].safetensors (or .bin)."""
-        folder = Path(folder)
-        cfg = UNetConfig.from_dict(read_json(folder / "config.json"))
-        model = build_on_meta(lambda: cls(cfg))
-        load_weights(model, find_weights(folder, ("diffusion_pytorch_model",), variant), DIFFUSERS_KEYS,
-                     dtype=dtype, device=device)
-        return model.eval()
-
-    def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Write a diffusers `unet/` folder (config.json + diffusion_pytorch_model.safetensors)."""
-        save_component(folder, self.config.to_dict(), self, DIFFUSERS_KEYS, "diffusion_pytorch_model.safetensors")
-
-    @classmethod
-    def from_single_file(cls, path: str | os.PathLike, config: UNetConfig | None = None, *,
-                         dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "UNet":
-        """Load the UNet from the original LDM checkpoint (`512-depth-ema.safetensors` / `.ckpt`); other parts of the
-        file (VAE, text encoder, depth model, schedule buffers) are skipped."""
-        cfg = config or UNetConfig.sd2_depth()
-        model = build_on_meta(lambda: cls(cfg))
-        load_weights(model, path, ldm_keymap(cfg), dtype=dtype, device=device)
-        return model.eval()
-
-
 def _timesteps(timestep, batch: int, device: torch.device) -> torch.Tensor:
     """Any accepted timestep -> a (B,) tensor on `device` (ints as int64, floats as float64, like diffusers)."""
     if isinstance(timestep, torch.Tensor):
@@ -358,61 +291,3 @@ def _timesteps(timestep, batch: int, device: torch.device) -> torch.Tensor:
     else:
         raise TypeError(f"timestep must be a number or a tensor, got {type(timestep).__name__}")
     return t.expand(batch)
-
-
-# ------------------------------------------------------------------------------------------------ key maps
-# Inside-block renames shared by every format: ours -> checkpoint suffix. diffusers and LDM both call the attention
-# output projection `to_out.0` (a ModuleList with dropout), ours is a plain Linear `to_out`.
-_TRANSFORMER = (("{rest}.to_out.weight", "{rest}.to_out.0.weight"), ("{rest}.to_out.bias", "{rest}.to_out.0.bias"),
-                ("{rest}", "{rest}"))
-_RESNET_DIFFUSERS = (("{rest}", "{rest}"),)
-_RESNET_LDM = (("norm1.{rest}", "in_layers.0.{rest}"), ("conv1.{rest}", "in_layers.2.{rest}"),
-               ("time_emb_proj.{rest}", "emb_layers.1.{rest}"), ("norm2.{rest}", "out_layers.0.{rest}"),
-               ("conv2.{rest}", "out_layers.3.{rest}"), ("conv_shortcut.{rest}", "skip_connection.{rest}"))
-
-
-def _rules(ours: str, theirs: str, inner) -> list[Rule]:
-    return [Rule(f"{ours}.{a}", f"{theirs}.{b}") for a, b in inner]
-
-
-DIFFUSERS_KEYS = KeyMap("diffusers UNet2DConditionModel", tuple(
-    _rules("down_blocks.{i}.attentions.{j}", "down_blocks.{i}.attentions.{j}", _TRANSFORMER)
-    + _rules("mid_block.attentions.{j}", "mid_block.attentions.{j}", _TRANSFORMER)
-    + _rules("up_blocks.{i}.attentions.{j}", "up_blocks.{i}.attentions.{j}", _TRANSFORMER)
-    + [Rule("down_blocks.{i}.downsample.conv.{rest}", "down_blocks.{i}.downsamplers.0.conv.{rest}"),
-       Rule("up_blocks.{i}.upsample.conv.{rest}", "up_blocks.{i}.upsamplers.0.conv.{rest}"),
-       Rule("{rest}", "{rest}")]))
-
-
-def ldm_keymap(cfg: UNetConfig, prefix: str = "model.diffusion_model.") -> KeyMap:
-    """Our names -> the original LDM/SGM `openaimodel.UNetModel` names (`keys/map_unet_ldm_to_diffusers.tsv`).
-
-    LDM numbers all encoder stages in one list `input_blocks` (0 = conv_in; then per level `layers` blocks of
-    [ResBlock, SpatialTransformer] and one [Downsample `op`]) and all decoder stages in `output_blocks` (per level
-    `layers + 1` blocks [ResBlock, SpatialTransformer?, Upsample?]); `middle_block` = [ResBlock, transformer, ResBlock].
-    The indices depend on layers_per_block (n = layers + 1 blocks per level), hence a function of the config.
-    """
-    n, p = cfg.layers_per_block + 1, prefix
-    rules = [Rule("time_embedding.linear_1.{rest}", p + "time_embed.0.{rest}"),
-             Rule("time_embedding.linear_2.{rest}", p + "time_embed.2.{rest}"),
-             Rule("conv_in.{rest}", p + "input_blocks.0.0.{rest}"),
-             Rule("conv_norm_out.{rest}", p + "out.0.{rest}"),
-             Rule("conv_out.{rest}", p + "out.2.{rest}"),
-             Rule("down_blocks.{i}.downsample.conv.{rest}", p + f"input_blocks.{{{n}*i+{n}}}.0.op.{{rest}}")]
-    for i, cross in enumerate(reversed(cfg.cross_attention[1:])):  # up blocks 0..n-2 end in an Upsample
-        slot = 2 if cross else 1  # after [ResBlock, SpatialTransformer] or after [ResBlock]
-        rules.append(Rule(f"up_blocks.{i}.upsample.conv.{{rest}}",
-                          p + f"output_blocks.{n * i + n - 1}.{slot}.conv.{{rest}}"))
-    rules += _rules("down_blocks.{i}.resnets.{j}", p + f"input_blocks.{{{n}*i+j+1}}.0", _RESNET_LDM)
-    rules += _rules("down_blocks.{i}.attentions.{j}", p + f"input_blocks.{{{n}*i+j+1}}.1", _TRANSFORMER)
-    rules += _rules("mid_block.resnets.{j}", p + "middle_block.{2*j}", _RESNET_LDM)
-    rules += _rules("mid_block.attentions.0", p + "middle_block.1", _TRANSFORMER)
-    rules += _rules("up_blocks.{i}.resnets.{j}", p + f"output_blocks.{{{n}*i+j}}.0", _RESNET_LDM)
-    rules += _rules("up_blocks.{i}.attentions.{j}", p + f"output_blocks.{{{n}*i+j}}.1", _TRANSFORMER)
-    # the rest of an LDM file: VAE, text encoder, depth model, DDPM schedule buffers, EMA bookkeeping
-    ignore = ("first_stage_model.*", "cond_stage_model.*", "depth_model.*", "model_ema.*", "betas", "alphas_cumprod*",
-              "sqrt_*alphas_cumprod", "log_one_minus_alphas_cumprod", "posterior_*")
-    return KeyMap(f"LDM UNetModel (layers_per_block={cfg.layers_per_block})", tuple(rules), ignore)
-
-
-LDM_KEYS = ldm_keymap(UNetConfig.sd2_depth())
