@@ -193,7 +193,8 @@ def test_no_attention_product_outside_attention_py():
     import minidepth
     root = Path(minidepth.__file__).parent
     import re
-    code = re.compile(r"(?<!\w)(\w+\.softmax|(\w+\.)?scaled_dot_product_attention|(\w+\.)?memory_efficient_attention)\(")
+    code = re.compile(r"(?<!\w)(\w+\.softmax|(\w+\.)?scaled_dot_product_attention|"
+                      r"(\w+\.)?memory_efficient_attention)\(")
     offenders = [f"{p.relative_to(root)}: {m.group(0)}" for p in root.rglob("*.py") if p.name != "attention.py"
                  for m in code.finditer(p.read_text())]
     assert offenders == []

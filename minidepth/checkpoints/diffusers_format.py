@@ -125,8 +125,9 @@ def vae_config_to_dict(cfg: AutoencoderKLConfig) -> dict:
 # ------------------------------------------------------------------------------------------------ UNet names
 # Inside a spatial transformer: ours -> checkpoint suffix. diffusers and LDM both call the attention output
 # projection `to_out.0` (a ModuleList with dropout), ours is a plain Linear `to_out`.
-TRANSFORMER_RENAMES = (("{rest}.to_out.weight", "{rest}.to_out.0.weight"), ("{rest}.to_out.bias", "{rest}.to_out.0.bias"),
-                ("{rest}", "{rest}"))
+TRANSFORMER_RENAMES = (("{rest}.to_out.weight", "{rest}.to_out.0.weight"),
+                       ("{rest}.to_out.bias", "{rest}.to_out.0.bias"),
+                       ("{rest}", "{rest}"))
 
 
 def inner_rules(ours: str, theirs: str, inner) -> list[Rule]:

@@ -57,8 +57,8 @@ class Rule:
         for source in self.source if isinstance(self.source, tuple) else (self.source,):
             unknown = set(_PLACEHOLDER.findall(source)) - captured
             if unknown:
-                raise ValueError(f"rule for {self.target!r}: source {source!r} uses {sorted(unknown)}, which the target "
-                                 "does not capture (write the concrete names out in a loop instead)")
+                raise ValueError(f"rule for {self.target!r}: source {source!r} uses {sorted(unknown)}, which the "
+                                 "target does not capture (write the concrete names out in a loop instead)")
 
     def sources_for(self, name: str) -> tuple[str, ...] | None:
         """The checkpoint names that feed our parameter `name`, or None when this rule does not apply to it."""

@@ -26,10 +26,10 @@ def clip_text_config_from_dict(d: dict) -> CLIPTextConfig:
     """
     if "text_config" in d:
         raise ValueError("this is a full CLIPModel config; pass its 'text_config' dict")
-    return CLIPTextConfig(vocab_size=d["vocab_size"], max_positions=d["max_position_embeddings"], width=d["hidden_size"],
-               num_layers=d["num_hidden_layers"], num_heads=d["num_attention_heads"],
-               mlp_width=d["intermediate_size"], hidden_act=d.get("hidden_act", "quick_gelu"),
-               eps=d.get("layer_norm_eps", 1e-5))
+    return CLIPTextConfig(vocab_size=d["vocab_size"], max_positions=d["max_position_embeddings"],
+                          width=d["hidden_size"], num_layers=d["num_hidden_layers"],
+                          num_heads=d["num_attention_heads"], mlp_width=d["intermediate_size"],
+                          hidden_act=d.get("hidden_act", "quick_gelu"), eps=d.get("layer_norm_eps", 1e-5))
 
 
 def clip_text_config_to_dict(cfg: CLIPTextConfig) -> dict:
@@ -100,12 +100,12 @@ def dpt_config_from_dict(d: dict) -> DPTConfig:
                            f"{widths[-1]}")
     factors = d.get("reassemble_factors", [1, 1, 1, 0.5])
     return DPTConfig(stem_width=bb["embedding_size"], stage_widths=widths, stage_depths=depths,
-               num_groups=bb["num_groups"], hidden_size=d["hidden_size"], num_layers=d["num_hidden_layers"],
-               num_heads=d["num_attention_heads"], mlp_size=d["intermediate_size"],
-               layer_norm_eps=d.get("layer_norm_eps", 1e-12), image_size=d.get("image_size", 384),
-               patch_size=d.get("patch_size", 16), vit_out_indices=tuple(d["backbone_out_indices"][2:]),
-               neck_sizes=tuple(d["neck_hidden_sizes"]), reassemble_factors=tuple(float(f) for f in factors[2:]),
-               fusion_size=d["fusion_hidden_size"])
+                     num_groups=bb["num_groups"], hidden_size=d["hidden_size"], num_layers=d["num_hidden_layers"],
+                     num_heads=d["num_attention_heads"], mlp_size=d["intermediate_size"],
+                     layer_norm_eps=d.get("layer_norm_eps", 1e-12), image_size=d.get("image_size", 384),
+                     patch_size=d.get("patch_size", 16), vit_out_indices=tuple(d["backbone_out_indices"][2:]),
+                     neck_sizes=tuple(d["neck_hidden_sizes"]), reassemble_factors=tuple(float(f) for f in factors[2:]),
+                     fusion_size=d["fusion_hidden_size"])
 
 
 def dpt_config_to_dict(cfg: DPTConfig) -> dict:

@@ -24,9 +24,9 @@ Research hook. Each layer may hold a `processor`, a callable
 
 that replaces the product (it can call `attn.attend(q, k, v)` for the configured backend, or `attn.probs(q, k)` to
 see the weights, causal and padding masks applied). It receives the `cross_attention_kwargs` dict given to the UNet's
-forward, and `key_mask` (B, S) when the caller passed one (the text encoder with an attention mask). Each layer knows its
-dotted `name` inside the model and whether it `is_cross_attention`, so `set_attention_processor(model, fn, filter=...)`
-can pick layers. `CaptureAttentionMaps` is a ready-made processor that records the attention probabilities.
+forward, and `key_mask` (B, S) when the caller passed one (the text encoder with an attention mask). Each layer knows
+its dotted `name` inside the model and whether it `is_cross_attention`, so `set_attention_processor(model, fn,
+filter=...)` can pick layers. `CaptureAttentionMaps` is a ready-made processor that records the attention probabilities.
 
 Shapes: B batch, L query tokens, S context tokens, D model width, h heads, d head size.
 """

@@ -12,7 +12,8 @@ z * scaling_factor (0.18215, sec. 4.3.2 / app. D.1: unit variance for the latent
 
 Parameter names follow diffusers' `AutoencoderKL`, except where a plainer name reads better (`mid_block.resnet_1`,
 `mid_block.attention`, `down_blocks.i.downsample`, `norm_out`); the key maps in `minidepth/checkpoints/` spell out
-every difference. Memory switches: `enable_slicing()` (one sample at a time) and `enable_tiling()` (`autoencoder_tiling.py`).
+every difference. Memory switches: `enable_slicing()` (one sample at a time) and `enable_tiling()`
+(`autoencoder_tiling.py`).
 
 Shapes: images `B C H W` (C = 3), moments `B 2c h w`, latents `B c h w` (c = 4), h = H / 8 for H a multiple of 8.
 """

@@ -28,8 +28,10 @@ each up block pops `layers + 1` = 3 of them, newest first, and concatenates each
     down_blocks.3     s10   1280      8           up_blocks.0
                       s11   1280      8           up_blocks.0 (first)
 
-    up_blocks.0  8 -> 16   1280 ch: cat s11, s10, s9, Upsample     up_blocks.2  32 -> 64   640 ch: cat s5, s4, s3, Upsample
-    up_blocks.1  16 -> 32  1280 ch: cat s8, s7, s6, Upsample      up_blocks.3  64         320 ch: cat s2, s1, s0
+    up_blocks.0  8 -> 16   1280 ch  cat s11, s10, s9, Upsample
+    up_blocks.1  16 -> 32  1280 ch  cat s8, s7, s6, Upsample
+    up_blocks.2  32 -> 64  640 ch   cat s5, s4, s3, Upsample
+    up_blocks.3  64        320 ch   cat s2, s1, s0
 
 The time step enters every ResnetBlock through a sinusoidal embedding (Vaswani et al. 2017 sec. 3.5, as in DDPM)
 followed by a two-layer MLP; the text enters every SpatialTransformer through cross-attention.
