@@ -10,21 +10,7 @@ import numpy as np
 import torch
 
 from .common import BETA_SCHEDULES, SPACINGS, Scheduler, SchedulerOutput, dynamic_threshold, randn_tensor
-
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-
-
-def predict_x0_and_eps(kind: str, model_output, sample, alpha_prod_t, beta_prod_t):
-    """(x_0, eps) from an eps / x_0 / v model output at a_t = alpha_prod_t, 1 - a_t = beta_prod_t."""
-    if kind == "epsilon":
-        x0 = (sample - beta_prod_t ** (0.5) * model_output) / alpha_prod_t ** (0.5)
-        return x0, model_output
-    if kind == "sample":
-        return model_output, (sample - alpha_prod_t ** (0.5) * model_output) / beta_prod_t ** (0.5)
-    # v_prediction, v = sqrt(a_t) eps - sqrt(1 - a_t) x_0 (Salimans & Ho 2022, Imagen Video Sec. 2.4)
-    x0 = (alpha_prod_t**0.5) * sample - (beta_prod_t**0.5) * model_output
-    eps = (alpha_prod_t**0.5) * model_output + (beta_prod_t**0.5) * sample
-    return x0, eps
+from .maths import PREDICTION_TYPES, eps_from_model_output_vp, eps_from_x0, x0_from_model_output_vp
 
 
 class DDIMScheduler(Scheduler):
@@ -66,8 +52,10 @@ class DDIMScheduler(Scheduler):
         alpha_prod_t = self.alphas_cumprod[timestep]
         alpha_prod_t_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
         beta_prod_t = 1 - alpha_prod_t
-        # 3. predicted x_0 and eps ("predicted x_0" of eq. (12))
-        x0, eps = predict_x0_and_eps(c.prediction_type, model_output, sample, alpha_prod_t, beta_prod_t)
+        # 3. predicted x_0 and eps ("predicted x_0" of eq. (12)); alpha_t = sqrt(a_t), sigma_t = sqrt(1 - a_t)
+        alpha_t, sigma_t = alpha_prod_t**0.5, beta_prod_t**0.5
+        x0 = x0_from_model_output_vp(sample, model_output, alpha_t, sigma_t, c.prediction_type)
+        eps = eps_from_model_output_vp(sample, model_output, alpha_t, sigma_t, c.prediction_type)
         # 4. optional clipping of x_0
         if c.thresholding:
             x0 = dynamic_threshold(x0, c.dynamic_thresholding_ratio, c.sample_max_value)
@@ -76,7 +64,7 @@ class DDIMScheduler(Scheduler):
         # 5. sigma_t(eta), eq. (16)
         std_dev_t = eta * self._variance(timestep, prev_timestep) ** (0.5)
         if use_clipped_model_output:  # eps re-derived from the clipped x_0
-            eps = (sample - alpha_prod_t ** (0.5) * x0) / beta_prod_t ** (0.5)
+            eps = eps_from_x0(sample, x0, alpha_t, sigma_t)
         # 6. "direction pointing to x_t" and 7. x_t' without noise, eq. (12)
         direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** (0.5) * eps
         prev_sample = alpha_prod_t_prev ** (0.5) * x0 + direction

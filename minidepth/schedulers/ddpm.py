@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .common import BETA_SCHEDULES, SPACINGS, Scheduler, SchedulerOutput, dynamic_threshold, randn_tensor
-from .ddim import PREDICTION_TYPES
+from .maths import PREDICTION_TYPES, x0_from_model_output_vp
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 
@@ -76,13 +76,8 @@ class DDPMScheduler(Scheduler):
         beta_prod_t, beta_prod_t_prev = 1 - alpha_prod_t, 1 - alpha_prod_t_prev
         current_alpha_t = alpha_prod_t / alpha_prod_t_prev
         current_beta_t = 1 - current_alpha_t
-        # 2. predicted x_0, eq. (15)
-        if c.prediction_type == "epsilon":
-            x0 = (sample - beta_prod_t ** (0.5) * model_output) / alpha_prod_t ** (0.5)
-        elif c.prediction_type == "sample":
-            x0 = model_output
-        else:  # v_prediction
-            x0 = (alpha_prod_t**0.5) * sample - (beta_prod_t**0.5) * model_output
+        # 2. predicted x_0, eq. (15), with alpha_t = sqrt(a_t), sigma_t = sqrt(1 - a_t)
+        x0 = x0_from_model_output_vp(sample, model_output, alpha_prod_t**0.5, beta_prod_t**0.5, c.prediction_type)
         # 3. optional clipping of x_0
         if c.thresholding:
             x0 = dynamic_threshold(x0, c.dynamic_thresholding_ratio, c.sample_max_value)

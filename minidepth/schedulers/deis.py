@@ -12,8 +12,9 @@ import numpy as np
 import torch
 
 from .common import BETA_SCHEDULES, SPACINGS, SchedulerOutput
-from .dpmsolver import PREDICTION_TYPES, combine, dpm_solver_coefficients
 from .families import VPSolverScheduler
+from .maths import (PREDICTION_TYPES, dpm_solver_coefficients, dpm_solver_update, eps_from_x0, half_log_snr,
+                    vp_alpha_sigma)
 
 
 def _log(x: torch.Tensor) -> torch.Tensor:
@@ -63,17 +64,16 @@ class DEISMultistepScheduler(VPSolverScheduler):
     def _convert_model_output(self, model_output, sample):
         """eps, re-derived from the (optionally thresholded) x_0 prediction."""
         x0 = self._data_prediction(model_output, sample)
-        alpha_t, sigma_t = self._alpha_sigma(self.sigmas[self._step_index])
-        return (sample - alpha_t * x0) / sigma_t
+        return eps_from_x0(sample, x0, *vp_alpha_sigma(self.sigmas[self._step_index]))
 
     def _update(self, order: int, sample):
         i, m = self._step_index, self.model_outputs
-        alpha_t, sigma_t = self._alpha_sigma(self.sigmas[i + 1])
-        (alpha_s0, sigma_s0), *older = [self._alpha_sigma(self.sigmas[i - k]) for k in range(order)]
+        alpha_t, sigma_t = vp_alpha_sigma(self.sigmas[i + 1])
+        (alpha_s0, sigma_s0), *older = [vp_alpha_sigma(self.sigmas[i - k]) for k in range(order)]
         if order == 1:  # DDIM in exponential-integrator form (= DPM-Solver-1)
-            h = (torch.log(alpha_t) - torch.log(sigma_t)) - (torch.log(alpha_s0) - torch.log(sigma_s0))
+            h = half_log_snr(alpha_t, sigma_t) - half_log_snr(alpha_s0, sigma_s0)
             coeffs = dpm_solver_coefficients("dpmsolver", h, alpha_t, sigma_t, alpha_s0, sigma_s0)
-            return combine(coeffs, sample, [(coeffs["d0"], m[-1])])
+            return dpm_solver_update(coeffs, sample, m[-1])
         rho_t, rho_s0 = sigma_t / alpha_t, sigma_s0 / alpha_s0
         rho_s = [rho_s0] + [s / a for a, s in older]
         if order == 2:

@@ -9,7 +9,8 @@ s to t (h = lambda_t - lambda_s) with the model's current prediction D0 and fini
         x_t = alpha_t/alpha_s x_s - sigma_t (e^h - 1) eps + ...
     sde-dpmsolver++ (the SDE solver of Lu et al. 2022b):
         x_t = sigma_t/sigma_s e^-h x_s + alpha_t (1 - e^-2h) D0 + ... + sigma_t sqrt(1 - e^-2h) z
-The higher-order terms use D1 with the "midpoint" (1/2 phi_1) or "heun" (phi_2) weights and, at order 3, D2.
+The higher-order terms use D1 with the "midpoint" (1/2 phi_1) or "heun" (phi_2) weights and, at order 3, D2; the
+weights and the update itself are maths.dpm_solver_coefficients and maths.dpm_solver_update.
 """
 
 import numpy as np
@@ -17,41 +18,10 @@ import torch
 
 from .common import BETA_SCHEDULES, SPACINGS, SchedulerOutput, dynamic_threshold, randn_tensor, sigma_to_t, train_sigmas
 from .families import VPSolverScheduler
+from .maths import (PREDICTION_TYPES, dpm_solver_coefficients, dpm_solver_update, eps_from_x0, half_log_snr,
+                    vp_alpha_sigma, x0_from_eps)
 
 ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-
-
-def dpm_solver_coefficients(algorithm: str, h, alpha_t, sigma_t, alpha_s, sigma_s) -> dict:
-    """Weights of x_t = x * x_s + d0 * D0 + (mid | heun) * D1 + d2 * D2 + noise * z for one step of size h.
-    `mid` / `heun` are the order-2 weights of the midpoint / Heun solver types; `d2` the order-3 weight."""
-    if algorithm == "dpmsolver++":  # data prediction: phi_1(-h) h = e^-h - 1
-        phi = torch.exp(-h) - 1.0
-        return dict(x=sigma_t / sigma_s, d0=-(alpha_t * phi), mid=-(0.5 * (alpha_t * phi)),
-                    heun=alpha_t * (phi / h + 1.0), d2=-(alpha_t * ((phi + h) / h**2 - 0.5)), noise=None)
-    if algorithm == "dpmsolver":  # noise prediction: phi_1(h) h = e^h - 1
-        phi = torch.exp(h) - 1.0
-        return dict(x=alpha_t / alpha_s, d0=-(sigma_t * phi), mid=-(0.5 * (sigma_t * phi)),
-                    heun=-(sigma_t * (phi / h - 1.0)), d2=-(sigma_t * ((phi - h) / h**2 - 0.5)), noise=None)
-    if algorithm == "sde-dpmsolver++":
-        decay = 1 - torch.exp(-2.0 * h)
-        return dict(x=sigma_t / sigma_s * torch.exp(-h), d0=alpha_t * decay, mid=0.5 * (alpha_t * decay),
-                    heun=alpha_t * (decay / (-2.0 * h) + 1.0), d2=alpha_t * ((decay - 2.0 * h) / (2.0 * h) ** 2 - 0.5),
-                    noise=sigma_t * torch.sqrt(decay))
-    # sde-dpmsolver (no order-3 form)
-    phi = torch.exp(h) - 1.0
-    return dict(x=alpha_t / alpha_s, d0=-(2.0 * (sigma_t * phi)), mid=-(sigma_t * phi),
-                heun=-(2.0 * (sigma_t * (phi / h - 1.0))), d2=None, noise=sigma_t * torch.sqrt(torch.exp(2 * h) - 1.0))
-
-
-def combine(coeffs: dict, sample, terms, noise=None):
-    """x * sample + sum(weight * term) (+ noise weight * z), accumulated left to right as diffusers writes it."""
-    x_t = coeffs["x"] * sample
-    for weight, term in terms:
-        x_t = x_t + weight * term
-    if coeffs["noise"] is not None:
-        x_t = x_t + coeffs["noise"] * noise
-    return x_t
 
 
 class DPMSolverMultistepScheduler(VPSolverScheduler):
@@ -115,32 +85,32 @@ class DPMSolverMultistepScheduler(VPSolverScheduler):
             return self._data_prediction(model_output, sample)
         eps = self._noise_prediction(model_output, sample)
         if c.thresholding:  # threshold x_0, then back to eps
-            alpha_t, sigma_t = self._alpha_sigma(self.sigmas[self._step_index])
-            x0 = dynamic_threshold((sample - sigma_t * eps) / alpha_t, c.dynamic_thresholding_ratio, c.sample_max_value)
-            eps = (sample - alpha_t * x0) / sigma_t
+            alpha_t, sigma_t = vp_alpha_sigma(self.sigmas[self._step_index])
+            x0 = dynamic_threshold(x0_from_eps(sample, eps, alpha_t, sigma_t), c.dynamic_thresholding_ratio,
+                                   c.sample_max_value)
+            eps = eps_from_x0(sample, x0, alpha_t, sigma_t)
         return eps
 
     def _update(self, order: int, sample, noise):
         """One multistep update of the given order from the stored model outputs (newest last)."""
         i, m = self._step_index, self.model_outputs
-        alpha_t, sigma_t = self._alpha_sigma(self.sigmas[i + 1])
-        alphas_sigmas = [self._alpha_sigma(self.sigmas[i - k]) for k in range(order)]  # s0, s1, s2
-        lambda_t = torch.log(alpha_t) - torch.log(sigma_t)
-        lambdas = [torch.log(a) - torch.log(s) for a, s in alphas_sigmas]
-        h = lambda_t - lambdas[0]
+        alpha_t, sigma_t = vp_alpha_sigma(self.sigmas[i + 1])
+        alphas_sigmas = [vp_alpha_sigma(self.sigmas[i - k]) for k in range(order)]  # s0, s1, s2
+        lambdas = [half_log_snr(a, s) for a, s in alphas_sigmas]
+        h = half_log_snr(alpha_t, sigma_t) - lambdas[0]
         coeffs = dpm_solver_coefficients(self.config.algorithm_type, h, alpha_t, sigma_t, *alphas_sigmas[0])
         if order == 1:
-            return combine(coeffs, sample, [(coeffs["d0"], m[-1])], noise)
+            return dpm_solver_update(coeffs, sample, m[-1], noise=noise)
         r0 = (lambdas[0] - lambdas[1]) / h
         d1_0 = (1.0 / r0) * (m[-1] - m[-2])
         if order == 2:  # Lu et al. 2022b, Algorithm 2 (DPM-Solver++(2M))
-            d1_weight = coeffs["mid"] if self.config.solver_type == "midpoint" else coeffs["heun"]
-            return combine(coeffs, sample, [(coeffs["d0"], m[-1]), (d1_weight, d1_0)], noise)
+            d1_weight = "mid" if self.config.solver_type == "midpoint" else "heun"
+            return dpm_solver_update(coeffs, sample, m[-1], d1_0, d1_weight=d1_weight, noise=noise)
         r1 = (lambdas[1] - lambdas[2]) / h  # order 3: second differences
         d1_1 = (1.0 / r1) * (m[-2] - m[-3])
         d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
         d2 = (1.0 / (r0 + r1)) * (d1_0 - d1_1)
-        return combine(coeffs, sample, [(coeffs["d0"], m[-1]), (coeffs["heun"], d1), (coeffs["d2"], d2)], noise)
+        return dpm_solver_update(coeffs, sample, m[-1], d1, d2, d1_weight="heun", noise=noise)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None, variance_noise=None,
              return_dict: bool = True):

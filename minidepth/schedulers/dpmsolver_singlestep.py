@@ -4,15 +4,16 @@ Lu et al. 2022b, https://arxiv.org/abs/2211.01095, Algorithm 1 "DPM-Solver++(2S)
 The schedule is cut into blocks of `solver_order` steps (`order_list`, e.g. 1, 2, 1, 2, ... for order 2). Inside a block
 every step restarts from the block's first sample x_s: the first step is a first-order (DDIM-like) update to an
 intermediate time; the next ones use the model outputs at the intermediate times to reach further with a higher
-order (D1, D2 as in dpmsolver.py, but measured from the block's start). Same update weights as the multistep solver.
+order (D1, D2 as in dpmsolver.py, but measured from the block's start). Same update weights as the multistep solver
+(maths.dpm_solver_coefficients).
 """
 
 import numpy as np
 import torch
 
 from .common import BETA_SCHEDULES, SchedulerOutput, randn_tensor, spaced_timesteps
-from .dpmsolver import PREDICTION_TYPES, combine, dpm_solver_coefficients
 from .families import VPSolverScheduler
+from .maths import PREDICTION_TYPES, dpm_solver_coefficients, dpm_solver_update, half_log_snr, vp_alpha_sigma
 
 
 class DPMSolverSinglestepScheduler(VPSolverScheduler):
@@ -94,28 +95,26 @@ class DPMSolverSinglestepScheduler(VPSolverScheduler):
     def _update(self, order: int, sample, noise):
         """Update of the given order from the block start x_s = `sample` (s = current index - order + 1)."""
         i, m = self._step_index, self.model_outputs
-        alpha_t, sigma_t = self._alpha_sigma(self.sigmas[i + 1])
-        alphas_sigmas = [self._alpha_sigma(self.sigmas[i - k]) for k in range(order)]  # s0 (newest), s1, s2
-        lambda_t = torch.log(alpha_t) - torch.log(sigma_t)
-        lambdas = [torch.log(a) - torch.log(s) for a, s in alphas_sigmas]
-        h = lambda_t - lambdas[-1]  # from the block start
+        alpha_t, sigma_t = vp_alpha_sigma(self.sigmas[i + 1])
+        alphas_sigmas = [vp_alpha_sigma(self.sigmas[i - k]) for k in range(order)]  # s0 (newest), s1, s2
+        lambdas = [half_log_snr(a, s) for a, s in alphas_sigmas]
+        h = half_log_snr(alpha_t, sigma_t) - lambdas[-1]  # from the block start
         coeffs = dpm_solver_coefficients(self.config.algorithm_type, h, alpha_t, sigma_t, *alphas_sigmas[-1])
         midpoint = self.config.solver_type == "midpoint"
         if order == 1:
-            return combine(coeffs, sample, [(coeffs["d0"], m[-1])], noise)
+            return dpm_solver_update(coeffs, sample, m[-1], noise=noise)
         if order == 2:  # Lu et al. 2022a, Algorithm 1 (DPM-Solver-2); 2022b, Algorithm 1 (DPM-Solver++(2S))
             r0 = (lambdas[0] - lambdas[1]) / h
             d1 = (1.0 / r0) * (m[-1] - m[-2])
-            return combine(coeffs, sample, [(coeffs["d0"], m[-2]), (coeffs["mid"] if midpoint else coeffs["heun"], d1)],
-                           noise)
+            return dpm_solver_update(coeffs, sample, m[-2], d1, d1_weight="mid" if midpoint else "heun", noise=noise)
         # order 3: Lu et al. 2022a, Algorithm 2 (DPM-Solver-3)
         r0, r1 = (lambdas[0] - lambdas[2]) / h, (lambdas[1] - lambdas[2]) / h
         d1_0, d1_1 = (1.0 / r1) * (m[-2] - m[-3]), (1.0 / r0) * (m[-1] - m[-3])
         if midpoint:
-            return combine(coeffs, sample, [(coeffs["d0"], m[-3]), (coeffs["heun"], d1_1)], noise)
+            return dpm_solver_update(coeffs, sample, m[-3], d1_1, d1_weight="heun", noise=noise)
         d1 = (r0 * d1_0 - r1 * d1_1) / (r0 - r1)
         d2 = 2.0 * (d1_1 - d1_0) / (r0 - r1)
-        return combine(coeffs, sample, [(coeffs["d0"], m[-3]), (coeffs["heun"], d1), (coeffs["d2"], d2)], noise)
+        return dpm_solver_update(coeffs, sample, m[-3], d1, d2, d1_weight="heun", noise=noise)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True):

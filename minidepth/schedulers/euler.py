@@ -11,10 +11,9 @@ sigma_down^2 = sigma_{i+1}^2 - sigma_up^2, so the marginal std at sigma_{i+1} is
 import numpy as np
 import torch
 
-from .common import BETA_SCHEDULES, SPACINGS, SchedulerOutput, randn_tensor
+from .common import BETA_SCHEDULES, SPACINGS, SchedulerOutput, randn_tensor, train_sigmas
 from .families import SigmaScheduler
-
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+from .maths import PREDICTION_TYPES, ancestral_step, to_d, x0_from_model_output
 
 
 def _reject_integer_timestep(timestep, name):
@@ -42,7 +41,7 @@ class EulerDiscreteScheduler(SigmaScheduler):
         self.num_inference_steps = n
         timesteps, sigmas, _ = self._sigma_schedule(n, log_linear=c.interpolation_type == "log_linear")
         if c.final_sigmas_type == "sigma_min":  # the smallest training sigma instead of 0
-            sigma_last = ((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5
+            sigma_last = train_sigmas(self.alphas_cumprod[0])
         else:
             sigma_last = 0
         sigmas = torch.from_numpy(np.concatenate([sigmas, [sigma_last]]).astype(np.float32))
@@ -69,15 +68,9 @@ class EulerDiscreteScheduler(SigmaScheduler):
                                  generator=generator)
             sample = sample + noise * s_noise * (sigma_hat**2 - sigma**2) ** 0.5
         # 2. predicted x_0 (v-prediction uses sigma, not sigma_hat, as diffusers)
-        kind = self.config.prediction_type
-        if kind == "sample":
-            x0 = model_output
-        elif kind == "epsilon":
-            x0 = sample - sigma_hat * model_output
-        else:
-            x0 = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (sample / (sigma**2 + 1))
+        x0 = x0_from_model_output(sample, model_output, sigma_hat, self.config.prediction_type, v_sigma=sigma)
         # 3. Euler step on dx/dsigma = (x - x_0) / sigma (Algorithm 2, lines 7-8)
-        derivative = (sample - x0) / sigma_hat
+        derivative = to_d(sample, x0, sigma_hat)
         dt = self.sigmas[self._step_index + 1] - sigma_hat
         prev_sample = (sample + derivative * dt).to(model_output.dtype)
         self._step_index += 1
@@ -111,16 +104,11 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
         sigma = self.sigmas[self._step_index]
         sample = sample.to(torch.float32)
         # 1. predicted x_0
-        if self.config.prediction_type == "epsilon":
-            x0 = sample - sigma * model_output
-        else:
-            x0 = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (sample / (sigma**2 + 1))
+        x0 = x0_from_model_output(sample, model_output, sigma, self.config.prediction_type)
         # 2. split the step into a deterministic part (to sigma_down) and fresh noise (sigma_up)
-        sigma_from, sigma_to = self.sigmas[self._step_index], self.sigmas[self._step_index + 1]
-        sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
-        sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+        sigma_up, sigma_down = ancestral_step(sigma, self.sigmas[self._step_index + 1])
         # 3. Euler step to sigma_down, then add sigma_up z
-        derivative = (sample - x0) / sigma
+        derivative = to_d(sample, x0, sigma)
         prev_sample = sample + derivative * (sigma_down - sigma)
         noise = randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
                              generator=generator)

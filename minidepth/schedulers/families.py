@@ -4,12 +4,14 @@
   sample kept as x_0 + sigma * eps;
 - VPSolverScheduler: the exponential-integrator family (DPM-Solver, DEIS, UniPC), which keeps the sample as
   alpha_t x_0 + sigma_t eps and steps in half-log-SNR lambda.
+The formulas themselves (x_0 / eps from a model output, alpha_t / sigma_t, lambda) are in maths.py.
 """
 
 import numpy as np
 import torch
 
 from .common import Scheduler, broadcast_to, convert_sigmas, dynamic_threshold, sigma_to_t, train_sigmas
+from .maths import eps_from_model_output_vp, half_log_snr, vp_alpha_sigma, x0_from_model_output_vp
 
 
 class SigmaScheduler(Scheduler):
@@ -74,7 +76,7 @@ class VPSolverScheduler(Scheduler):
             self.alphas_cumprod[-1] = 2**-24  # diffusers: keeps lambda finite at the last training step
         self.alpha_t = torch.sqrt(self.alphas_cumprod)
         self.sigma_t = torch.sqrt(1 - self.alphas_cumprod)
-        self.lambda_t = torch.log(self.alpha_t) - torch.log(self.sigma_t)
+        self.lambda_t = half_log_snr(self.alpha_t, self.sigma_t)
         self.sigmas = train_sigmas(self.alphas_cumprod)
         self.model_outputs = [None] * self._config["solver_order"]  # the last solver_order outputs, newest last
         self.lower_order_nums = 0  # steps taken so far, capped at solver_order: the warm-up of multistep solvers
@@ -82,7 +84,7 @@ class VPSolverScheduler(Scheduler):
     @property
     def train_sigma_min(self) -> float:
         """The smallest training sigma, sqrt((1 - alpha_bar_0) / alpha_bar_0) (a `final_sigmas_type` choice)."""
-        return ((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5
+        return train_sigmas(self.alphas_cumprod[0])
 
     def _install_schedule(self, timesteps: np.ndarray, sigmas: np.ndarray, sigma_last, device) -> None:
         """Store the inference schedule (sigmas get `sigma_last` appended) and clear the solver history."""
@@ -101,45 +103,28 @@ class VPSolverScheduler(Scheduler):
             return 2
         return 3
 
-    @staticmethod
-    def _alpha_sigma(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        alpha_t = 1 / ((sigma**2 + 1) ** 0.5)
-        return alpha_t, sigma * alpha_t
-
     def _lambda(self, sigma: torch.Tensor) -> torch.Tensor:
-        alpha_t, sigma_t = self._alpha_sigma(sigma)
-        return torch.log(alpha_t) - torch.log(sigma_t)
+        return half_log_snr(*vp_alpha_sigma(sigma))
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """alpha_t x_0 + sigma_t eps at the schedule position of `timesteps` (or of the current / begin index)."""
         sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
         sigma = broadcast_to(sigmas[self._step_indices(timesteps, original_samples.device)], original_samples)
-        alpha_t, sigma_t = self._alpha_sigma(sigma)
+        alpha_t, sigma_t = vp_alpha_sigma(sigma)
         return alpha_t * original_samples + sigma_t * noise
 
     def _data_prediction(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """x_0 predicted at the current step from an eps / x_0 / v model output (then dynamic thresholding)."""
-        alpha_t, sigma_t = self._alpha_sigma(self.sigmas[self._step_index])
-        kind = self._config["prediction_type"]
-        if kind == "epsilon":
-            x0 = (sample - sigma_t * model_output) / alpha_t
-        elif kind == "sample":
-            x0 = model_output
-        else:  # v_prediction: v = alpha_t eps - sigma_t x_0 (Salimans & Ho 2022)
-            x0 = alpha_t * sample - sigma_t * model_output
+        alpha_t, sigma_t = vp_alpha_sigma(self.sigmas[self._step_index])
+        x0 = x0_from_model_output_vp(sample, model_output, alpha_t, sigma_t, self._config["prediction_type"])
         if self._config["thresholding"]:
             x0 = dynamic_threshold(x0, self._config["dynamic_thresholding_ratio"], self._config["sample_max_value"])
         return x0
 
     def _noise_prediction(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """eps predicted at the current step from an eps / x_0 / v model output."""
-        alpha_t, sigma_t = self._alpha_sigma(self.sigmas[self._step_index])
-        kind = self._config["prediction_type"]
-        if kind == "epsilon":
-            return model_output
-        if kind == "sample":
-            return (sample - alpha_t * model_output) / sigma_t
-        return alpha_t * model_output + sigma_t * sample
+        alpha_t, sigma_t = vp_alpha_sigma(self.sigmas[self._step_index])
+        return eps_from_model_output_vp(sample, model_output, alpha_t, sigma_t, self._config["prediction_type"])
 
     def _solver_sigmas(self, timesteps: np.ndarray, n: int, round_karras: bool = True):
         """Sigmas at `timesteps` (interpolated in the training table), or a Karras / exponential schedule over the

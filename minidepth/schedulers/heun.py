@@ -12,8 +12,7 @@ import torch
 
 from .common import BETA_SCHEDULES, SPACINGS, SchedulerOutput
 from .families import SigmaScheduler
-
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+from .maths import PREDICTION_TYPES, to_d, x0_from_model_output
 
 
 def repeat_inner(x: torch.Tensor, keep_last: bool = True) -> torch.Tensor:
@@ -67,23 +66,17 @@ class HeunDiscreteScheduler(SigmaScheduler):
             sigma, sigma_next = self.sigmas[self._step_index - 1], self.sigmas[self._step_index]
         sigma_input = sigma if first else sigma_next  # the noise level of the sample the model saw
         # 1. predicted x_0
-        kind = self.config.prediction_type
-        if kind == "epsilon":
-            x0 = sample - sigma_input * model_output
-        elif kind == "v_prediction":
-            x0 = model_output * (-sigma_input / (sigma_input**2 + 1) ** 0.5) + (sample / (sigma_input**2 + 1))
-        else:
-            x0 = model_output
+        x0 = x0_from_model_output(sample, model_output, sigma_input, self.config.prediction_type)
         if self.config.clip_sample:
             x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
         if first:
             # 2a. Euler stage: d_i and x' (Algorithm 1, lines 3-5)
-            derivative = (sample - x0) / sigma
+            derivative = to_d(sample, x0, sigma)
             dt = sigma_next - sigma
             self.prev_derivative, self.dt, self.sample = derivative, dt, sample
         else:
             # 2b. correction: average the two slopes, step again from x_i (Algorithm 1, lines 7-8)
-            derivative = (self.prev_derivative + (sample - x0) / sigma_next) / 2
+            derivative = (self.prev_derivative + to_d(sample, x0, sigma_next)) / 2
             dt, sample = self.dt, self.sample
             self.prev_derivative, self.dt, self.sample = None, None, None
         prev_sample = sample + derivative * dt

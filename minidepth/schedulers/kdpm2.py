@@ -5,7 +5,7 @@ Each step sigma_i -> sigma_{i+1} costs two model evaluations (`order` = 2); the 
 sigma_mid = sqrt(sigma_i sigma_{i+1}) (KDPM2-ancestral: sqrt(sigma_i sigma_down)):
     d_i   = (x_i - x0(x_i, sigma_i)) / sigma_i,          x_mid   = x_i + (sigma_mid - sigma_i) d_i
     d_mid = (x_mid - x0(x_mid, sigma_mid)) / sigma_mid,  x_{i+1} = x_i + (sigma_{i+1} - sigma_i) d_mid
-The ancestral variant steps to sigma_down instead of sigma_{i+1} and adds sigma_up z (see euler.py).
+The ancestral variant steps to sigma_down instead of sigma_{i+1} and adds sigma_up z (maths.ancestral_step).
 `timesteps` interleaves the midpoints' (fractional) timesteps with the grid's.
 """
 
@@ -15,6 +15,7 @@ import torch
 from .common import BETA_SCHEDULES, SPACINGS, SchedulerOutput, randn_tensor
 from .families import SigmaScheduler
 from .heun import repeat_inner
+from .maths import ancestral_step, log_midpoint, to_d, x0_from_model_output
 
 
 class KDPM2DiscreteScheduler(SigmaScheduler):
@@ -45,17 +46,16 @@ class KDPM2DiscreteScheduler(SigmaScheduler):
             timesteps = timesteps.round()
         self.log_sigmas = torch.from_numpy(log_sigmas)
         sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
-        if self.ancestral:  # sigma_up / sigma_down of each step (euler.py), the midpoint between sigma_i and sigma_down
+        if self.ancestral:  # sigma_up / sigma_down of each step, the midpoint between sigma_i and sigma_down
             sigmas_next = sigmas.roll(-1)
             sigmas_next[-1] = 0.0
-            sigmas_up = (sigmas_next**2 * (sigmas**2 - sigmas_next**2) / sigmas**2) ** 0.5
-            sigmas_down = (sigmas_next**2 - sigmas_up**2) ** 0.5
+            sigmas_up, sigmas_down = ancestral_step(sigmas, sigmas_next)
             sigmas_down[-1] = 0.0
-            sigmas_mid = sigmas.log().lerp(sigmas_down.log(), 0.5).exp()
+            sigmas_mid = log_midpoint(sigmas, sigmas_down)
             sigmas_mid[-2:] = 0.0
             self.sigmas_up, self.sigmas_down = repeat_inner(sigmas_up, False), repeat_inner(sigmas_down, False)
         else:  # geometric mean of sigma_{i-1} and sigma_i, stored at i
-            sigmas_mid = sigmas.log().lerp(sigmas.roll(1).log(), 0.5).exp()
+            sigmas_mid = log_midpoint(sigmas, sigmas.roll(1))
         self.sigmas = repeat_inner(sigmas, keep_last=False)
         self.sigmas_interpol = repeat_inner(sigmas_mid, keep_last=False)
         # timesteps: t_0, then (midpoint timestep, grid timestep) pairs; the midpoints' in float32 like diffusers
@@ -91,18 +91,15 @@ class KDPM2DiscreteScheduler(SigmaScheduler):
             sigma_end = self.sigmas[i + 1] if first else self.sigmas[i]
         sigma_input = sigma if first else sigma_mid  # the noise level of the sample the model saw
         # 1. predicted x_0
-        if self.config.prediction_type == "epsilon":
-            x0 = sample - sigma_input * model_output
-        else:
-            x0 = model_output * (-sigma_input / (sigma_input**2 + 1) ** 0.5) + (sample / (sigma_input**2 + 1))
+        x0 = x0_from_model_output(sample, model_output, sigma_input, self.config.prediction_type)
         if first:
             # 2a. Euler half step to the midpoint
-            derivative = (sample - x0) / sigma
+            derivative = to_d(sample, x0, sigma)
             dt = sigma_mid - sigma
             self.sample = sample
         else:
             # 2b. full step from x_i with the midpoint slope
-            derivative = (sample - x0) / sigma_mid
+            derivative = to_d(sample, x0, sigma_mid)
             dt = sigma_end - sigma
             sample, self.sample = self.sample, None
         prev_sample = sample + derivative * dt

@@ -17,8 +17,7 @@ import torch
 
 from .common import BETA_SCHEDULES, SPACINGS, SchedulerOutput
 from .families import SigmaScheduler
-
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+from .maths import PREDICTION_TYPES, to_d, x0_from_model_output
 
 
 def lagrange_integral(nodes: list[float], j: int, a: float, b: float) -> float:
@@ -112,15 +111,9 @@ class LMSDiscreteScheduler(SigmaScheduler):
         self._begin_step(timestep)
         sigma = self.sigmas[self._step_index]
         # 1. predicted x_0
-        kind = self.config.prediction_type
-        if kind == "epsilon":
-            x0 = sample - sigma * model_output
-        elif kind == "v_prediction":
-            x0 = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (sample / (sigma**2 + 1))
-        else:
-            x0 = model_output
+        x0 = x0_from_model_output(sample, model_output, sigma, self.config.prediction_type)
         # 2. ODE derivative d = (x - x_0) / sigma; keep the last `order`
-        self.derivatives.append((sample - x0) / sigma)
+        self.derivatives.append(to_d(sample, x0, sigma))
         if len(self.derivatives) > order:
             self.derivatives.pop(0)
         # 3. Adams-Bashforth step with the integrated Lagrange coefficients

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .common import BETA_SCHEDULES, SPACINGS, Scheduler, SchedulerOutput
+from .maths import eps_from_model_output_vp
 
 
 class PNDMScheduler(Scheduler):
@@ -119,8 +120,8 @@ class PNDMScheduler(Scheduler):
         alpha_prod_t = self.alphas_cumprod[timestep]
         alpha_prod_t_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
         beta_prod_t, beta_prod_t_prev = 1 - alpha_prod_t, 1 - alpha_prod_t_prev
-        if self.config.prediction_type == "v_prediction":
-            model_output = (alpha_prod_t**0.5) * model_output + (beta_prod_t**0.5) * sample
+        model_output = eps_from_model_output_vp(sample, model_output, alpha_prod_t**0.5, beta_prod_t**0.5,
+                                                self.config.prediction_type)
         sample_coeff = (alpha_prod_t_prev / alpha_prod_t) ** (0.5)
         denominator = (alpha_prod_t * beta_prod_t_prev ** (0.5)
                        + (alpha_prod_t * beta_prod_t * alpha_prod_t_prev) ** (0.5))

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from .common import BETA_SCHEDULES, SPACINGS, SchedulerOutput
-from .dpmsolver import PREDICTION_TYPES
 from .families import VPSolverScheduler
+from .maths import PREDICTION_TYPES, half_log_snr, vp_alpha_sigma
 
 
 class UniPCMultistepScheduler(VPSolverScheduler):
@@ -81,10 +81,10 @@ class UniPCMultistepScheduler(VPSolverScheduler):
         sample at sigmas[s + 1] given the model output model_t computed there."""
         m = self.model_outputs
         m0 = m[-1]
-        alpha_t, sigma_t = self._alpha_sigma(self.sigmas[s + 1])
-        alpha_s0, sigma_s0 = self._alpha_sigma(self.sigmas[s])
-        lambda_s0 = torch.log(alpha_s0) - torch.log(sigma_s0)
-        h = (torch.log(alpha_t) - torch.log(sigma_t)) - lambda_s0
+        alpha_t, sigma_t = vp_alpha_sigma(self.sigmas[s + 1])
+        alpha_s0, sigma_s0 = vp_alpha_sigma(self.sigmas[s])
+        lambda_s0 = half_log_snr(alpha_s0, sigma_s0)
+        h = half_log_snr(alpha_t, sigma_t) - lambda_s0
         # 1. earlier outputs as scaled differences D_k = (m_k - m_s) / r_k
         rks, d1s = [], []
         for k in range(1, order):
