@@ -1,0 +1,12 @@
+"""See inside a generation: the architecture as a table, attention maps per word, a denoising filmstrip.
+
+    tour.py            `architecture_tour(size=512)`: per model and block the output shape, parameters and GFLOP
+                       (torch's FLOP counter on the meta device: no weights, no memory); `minidepth tour`
+    attention_maps.py  `AttentionRecorder` (`pipe.record_attention()`): cross-attention per word, DAAM-style
+    filmstrip.py       `FilmstripRecorder` (`record_filmstrip(pipe)`): the predicted clean image x0 during denoising
+    cli.py             the command-line side: `minidepth tour`, `generate --filmstrip --attention-maps`
+
+Nothing here changes what the pipeline computes: the recorders observe (an attention processor that returns the
+layer's own product, forward hooks, wrappers that call the original step), so images are bit-identical with and
+without recording.
+"""
