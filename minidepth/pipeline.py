@@ -145,6 +145,12 @@ class StableDiffusionDepth2ImgPipeline:
         """Options for the tqdm progress bar, e.g. `disable=True`."""
         self._progress_bar_config = kwargs
 
+    def record_attention(self, words: list[str] | None = None, **kwargs):
+        """`with pipe.record_attention() as rec: pipe(...)`, then `rec.word_maps(["cat"])`: cross-attention maps per
+        word, the image unchanged (rules: minidepth/inside/attention_maps.py)."""
+        from .inside.attention_maps import AttentionRecorder
+        return AttentionRecorder(self, words, **kwargs)
+
     # ------------------------------------------------------------------------------------------ the steps
     @torch.no_grad()
     def encode_prompt(self, prompt, num_images_per_prompt: int = 1, do_classifier_free_guidance: bool = True,
