@@ -60,6 +60,16 @@ class StableDiffusionDepth2ImgPipeline:
         return cls(**load_components(path_or_repo_id, dtype=torch_dtype, variant=variant, revision=revision,
                                      cache_dir=cache_dir, local_files_only=local_files_only, device=device))
 
+    @classmethod
+    def from_single_file(cls, path: str, *, torch_dtype: torch.dtype | None = None,
+                         device: str | torch.device | None = None,
+                         config: str | None = None) -> "StableDiffusionDepth2ImgPipeline":
+        """Load the original single file (`512-depth-ema.safetensors` / `.ckpt`): all four networks from the one
+        file, configs / tokenizer / scheduler / feature extractor packaged with minidepth (offline). `config`: a
+        diffusers-layout folder whose config and tokenizer files to use instead. See `checkpoints/single_file.py`."""
+        from .checkpoints.single_file import load_single_file
+        return cls(**load_single_file(path, config, dtype=torch_dtype, device=device))
+
     def save_pretrained(self, folder: str) -> None:
         """Write the diffusers layout (model_index.json + one folder per component), loadable by diffusers too."""
         save_components(self.components, folder)

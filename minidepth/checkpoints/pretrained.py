@@ -92,12 +92,14 @@ class Pretrained:
         save_component(folder, fmt.config_to_dict(self.config), self, fmt.save_keymap, fmt.save_name)
 
     @classmethod
-    def from_single_file(cls, path: str | os.PathLike, config=None, *, dtype: torch.dtype | None = None,
+    def from_single_file(cls, path: str | os.PathLike | TensorFile, config=None, *, dtype: torch.dtype | None = None,
                          device: torch.device | str | None = None):
         """Load this network's part of an original checkpoint (`512-depth-ema.safetensors` / `.ckpt`; for the depth
         model also MiDaS' own `dpt_hybrid-midas-501f0c75.pt`). The file's other parts are other networks' and are
-        not read. `config` defaults to the SD2-depth preset."""
-        file = TensorFile(path)
+        not read. `config` defaults to the SD2-depth preset. `path` may also be an already opened `TensorFile`
+        (the pipeline opens the single file once for all four networks)."""
+        file = path if isinstance(path, TensorFile) else TensorFile(path)
+        path = file.path
         for layout in single_file_layouts(cls):
             if any(name.startswith(layout.marker) for name in file):
                 break
