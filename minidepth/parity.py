@@ -1,0 +1,405 @@
+"""Stage-by-stage parity against diffusers: run minidepth and the reference on the same inputs and compare every stage.
+
+    report = minidepth.parity.compare("weights/sd2-depth", image="photo.jpg", prompt="a red house", steps=4)
+    print(report.table())          # stage, shape, max abs, max rel, tolerance, ok
+    report.ok, report.first_failure, report.drill
+
+Both pipelines run step by step, each on its own previous outputs (so differences accumulate as in a real run), with
+generators seeded alike, in the order of diffusers' `__call__`: minidepth through its step methods (`encode_prompt`,
+`prepare_depth_map`, `preprocess`, `get_timesteps`, `prepare_latents`, `denoise`, `decode`), diffusers through its
+pipeline's methods and its UNet and scheduler, the loop written out as in its `__call__`. Forward hooks and a wrapped
+`scheduler.add_noise` record the stages in between: token ids, text embeddings, the DPT's input and depth estimate, the
+depth channel, the image tensor, the posterior sample, the img2img noise, the noised latents, each denoising step's UNet
+output and latents, and the decoded image (in [0, 1]).
+
+A stage is within tolerance when max |ours - ref| <= tolerance * max |ref| (`max_rel_diff`). Default tolerances
+(`default_tolerance`): 0 (exact) on the CPU in every dtype, where both libraries call the same kernels in the same
+order; on GPUs 1e-4 in fp32 and 1e-2 in fp16/bf16. At the first stage beyond tolerance, `parity_drill` reruns that
+network on both sides with hooks and names the first module whose output differs.
+
+diffusers and transformers are needed only here (`pip install "minidepth[parity]"`); the command is in parity_cli.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .parity_drill import DrillResult, differences, first_difference, module_pairs
+
+INSTALL = 'pip install "minidepth[parity]"'
+REFERENCE_VERSIONS = {"diffusers": "0.42.1", "transformers": "5.24.0"}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class ReferenceMissing(ImportError):
+    """diffusers or transformers cannot be imported."""
+
+
+def require_references() -> dict[str, str]:
+    """Import the reference libraries; their versions, or ReferenceMissing with the install command."""
+    try:
+        import diffusers
+        import transformers
+    except ImportError as e:
+        raise ReferenceMissing(f"the parity check runs diffusers and transformers as the reference, and they are not "
+                               f"installed ({e}); install them with: {INSTALL}") from e
+    return {"diffusers": diffusers.__version__, "transformers": transformers.__version__}
+
+
+def default_tolerance(device: str, dtype: str) -> float:
+    """Allowed max relative difference per stage: exact on the CPU; on an accelerator, 1e-4 in fp32, 1e-2 in half."""
+    if torch.device(device).type == "cpu":
+        return 0.0
+    return 1e-4 if dtype == "fp32" else 1e-2
+
+
+# ------------------------------------------------------------------------------------------------ the report
+@dataclass
+class Stage:
+    name: str
+    shape: tuple
+    max_abs_diff: float
+    max_rel_diff: float
+    tolerance: float
+    ok: bool
+    network: str | None = None    # the network that computes this stage (where a drill-down looks)
+
+    def to_dict(self) -> dict:
+        def num(x):
+            return x if math.isfinite(x) else str(x)
+        return {"name": self.name, "shape": list(self.shape), "max_abs_diff": num(self.max_abs_diff),
+                "max_rel_diff": num(self.max_rel_diff), "tolerance": self.tolerance, "ok": self.ok}
+
+
+@dataclass
+class ParityReport:
+    stages: list[Stage]
+    settings: dict
+    versions: dict
+    drill: DrillResult | None = None
+    images: tuple = field(default=(), repr=False)   # (ours, reference) decoded images, (B, 3, H, W) in [0, 1]
+
+    @property
+    def ok(self) -> bool:
+        return all(s.ok for s in self.stages)
+
+    @property
+    def first_failure(self) -> Stage | None:
+        return next((s for s in self.stages if not s.ok), None)
+
+    def table(self) -> str:
+        width = max(len(s.name) for s in self.stages) + 2
+        lines = [f"{'stage':<{width}}{'shape':<18}{'max abs':>10}{'max rel':>10}{'tolerance':>11}  ok"]
+        for s in self.stages:
+            shape = "x".join(map(str, s.shape))
+            lines.append(f"{s.name:<{width}}{shape:<18}{s.max_abs_diff:>10.3g}{s.max_rel_diff:>10.3g}"
+                         f"{s.tolerance:>11.3g}  {'yes' if s.ok else 'NO'}")
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        failed = [s for s in self.stages if not s.ok]
+        if not failed:
+            return f"all {len(self.stages)} stages within tolerance"
+        text = f"{len(failed)} of {len(self.stages)} stages beyond tolerance; the first: {failed[0].name}"
+        if self.drill is not None:
+            text += f"\nfirst differing module: {self.drill.summary()}"
+        elif failed[0].network is None:
+            text += " (computed outside the networks: scheduler or tensor arithmetic; no drill-down)"
+        return text
+
+    def to_dict(self) -> dict:
+        first = self.first_failure
+        return {"stages": [s.to_dict() for s in self.stages], "ok": self.ok,
+                "first_failure": first.name if first else None,
+                "drill": self.drill.to_dict() if self.drill else None, "settings": self.settings,
+                "versions": self.versions}
+
+    def save_json(self, path: str | os.PathLike) -> None:
+        _write_atomic(Path(path), (json.dumps(self.to_dict(), indent=2) + "\n").encode())
+
+    def save_diff(self, path: str | os.PathLike) -> float:
+        """A heat map PNG of |ours - reference| for the image stage (the largest over the colour channels of the
+        first image; black 0, through red and yellow, to white at the largest difference). Returns that largest
+        difference (the map is all black when it is 0)."""
+        import io
+
+        import numpy as np
+        from PIL import Image
+        ours, ref = self.images
+        diff = (ours[0].detach().double().cpu() - ref[0].detach().double().cpu()).abs().amax(dim=0).numpy()  # (H, W)
+        top = float(diff.max())
+        t = diff / top if top > 0 else diff
+        stops = np.array([0.0, 0.35, 0.7, 1.0])
+        ramp = np.array([[0, 0, 0], [200, 0, 0], [255, 210, 0], [255, 255, 255]], dtype=np.float64)
+        rgb = np.stack([np.interp(t, stops, ramp[:, c]) for c in range(3)], axis=-1).round().astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(rgb, "RGB").save(buffer, format="PNG")
+        _write_atomic(Path(path), buffer.getvalue())
+        return top
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------ recording
+class _Calls:
+    """Forward hook on `module` recording each call's (args, kwargs, output) for the duration of a `with` block."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module, self.calls = module, []
+
+    def __enter__(self):
+        self.handle = self.module.register_forward_hook(
+            lambda m, args, kwargs, out: self.calls.append((args, kwargs, out)), with_kwargs=True)
+        return self.calls
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+class _NoiseCalls:
+    """Wrap `scheduler.add_noise` (an instance attribute shadows the method) to record (x0, noise, noised)."""
+
+    def __init__(self, scheduler):
+        self.scheduler, self.calls = scheduler, []
+
+    def __enter__(self):
+        method = self.scheduler.add_noise
+
+        def add_noise(original, noise, timesteps):
+            out = method(original, noise, timesteps)
+            self.calls.append((original, noise, out))
+            return out
+        self.scheduler.add_noise = add_noise
+        return self.calls
+
+    def __exit__(self, *exc):
+        del self.scheduler.add_noise
+
+
+def _ids(call) -> torch.Tensor:
+    args, kwargs, _ = call
+    return args[0] if args else kwargs["input_ids"]
+
+
+@dataclass
+class _Trace:
+    """One side's run: stage name -> tensor, in order; the network of each stage and how to rerun it for a drill."""
+    stages: dict = field(default_factory=dict)
+    networks: dict = field(default_factory=dict)   # stage name -> network name
+    reruns: dict = field(default_factory=dict)     # stage name -> function(net) that reruns it on these inputs
+
+    def add(self, name, tensor, network=None, rerun=None):
+        self.stages[name] = tensor
+        if network:
+            self.networks[name], self.reruns[name] = network, rerun
+
+
+def _record_text(trace: _Trace, calls: list, embeds: torch.Tensor) -> None:
+    names = ["tokens (prompt)", "tokens (negative prompt)"]
+    for name, call in zip(names, calls):
+        trace.add(name, _ids(call))
+    ids = torch.cat([_ids(call) for call in calls])
+    trace.add("text embeddings", embeds, "text_encoder", lambda net: net(ids))
+
+
+def _record_steps(trace: _Trace, timesteps, unet_calls: list, step_latents: list) -> None:
+    n = len(timesteps)
+    for i, (t, call, latents) in enumerate(zip(timesteps, unet_calls, step_latents)):
+        (x, t_in), c = call[0][:2], call[1]["encoder_hidden_states"]
+        out = call[2][0] if isinstance(call[2], tuple) else getattr(call[2], "sample", call[2])
+        tag = f"step {i + 1}/{n} (t={int(t)})"
+        trace.add(f"{tag} unet", out, "unet", lambda net, x=x, t=t_in, c=c: net(x, t, encoder_hidden_states=c))
+        trace.add(f"{tag} latents", latents)
+
+
+@torch.no_grad()
+def trace_minidepth(pipe, photo, s: dict, generator) -> _Trace:
+    """minidepth through its step methods, as its `__call__` runs them."""
+    trace, do_cfg = _Trace(), s["guidance_scale"] > 1
+    with _Calls(pipe.text_encoder) as calls:
+        embeds, negative = pipe.encode_prompt(s["prompt"], 1, do_cfg, s["negative_prompt"])
+    if do_cfg:
+        embeds = torch.cat([negative, embeds])
+    _record_text(trace, calls, embeds)
+    with _Calls(pipe.depth_estimator) as calls:
+        depth_mask = pipe.prepare_depth_map(photo, None, 1, do_cfg, embeds.dtype)
+    _record_depth(trace, calls, depth_mask, s)
+    image = pipe.preprocess(photo)
+    trace.add("image tensor", image)
+    timesteps, num_steps = pipe.get_timesteps(s["steps"], s["strength"])
+    with _NoiseCalls(pipe.scheduler) as noised:
+        latents = pipe.prepare_latents(image, timesteps[:1].repeat(1), 1, 1, embeds.dtype, generator)
+    _record_latents(trace, noised, image.to(pipe.device, embeds.dtype), pipe.vae.config.scaling_factor)
+    step_latents = []
+
+    def keep(pipe_, i, t, tensors):
+        step_latents.append(tensors["latents"])
+    with _Calls(pipe.unet) as calls:
+        latents = pipe.denoise(latents, timesteps, embeds, depth_mask, guidance_scale=s["guidance_scale"],
+                               negative_prompt_embeds=negative, num_inference_steps=num_steps,
+                               extra_step_kwargs=pipe._step_kwargs(generator, s["eta"]), callback_on_step_end=keep)
+    _record_steps(trace, timesteps, calls, step_latents)
+    _record_image(trace, pipe.decode(latents, output_type="pt"), latents, pipe.vae.config.scaling_factor)
+    return trace
+
+
+@torch.no_grad()
+def trace_diffusers(pipe, photo, s: dict, generator) -> _Trace:
+    """diffusers' StableDiffusionDepth2ImgPipeline: its methods, UNet and scheduler in the order of its `__call__`."""
+    trace, do_cfg, device = _Trace(), s["guidance_scale"] > 1, torch.device(s["device"])
+    with _Calls(pipe.text_encoder) as calls:
+        embeds, negative = pipe.encode_prompt(s["prompt"], device, 1, do_cfg, s["negative_prompt"])
+    if do_cfg:
+        embeds = torch.cat([negative, embeds])
+    _record_text(trace, calls, embeds)
+    with _Calls(pipe.depth_estimator) as calls, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "In CPU autocast")  # its autocast(cpu, float32) is a no-op, with a warning
+        depth_mask = pipe.prepare_depth_map(photo, None, 1, do_cfg, embeds.dtype, device)
+    _record_depth(trace, calls, depth_mask, s)
+    image = pipe.image_processor.preprocess(photo)
+    trace.add("image tensor", image)
+    pipe.scheduler.set_timesteps(s["steps"], device=device)
+    timesteps, num_steps = pipe.get_timesteps(s["steps"], s["strength"], device)
+    with _NoiseCalls(pipe.scheduler) as noised:
+        latents = pipe.prepare_latents(image, timesteps[:1].repeat(1), 1, 1, embeds.dtype, device, generator)
+    _record_latents(trace, noised, image.to(device, embeds.dtype), pipe.vae.config.scaling_factor)
+    extra_step_kwargs = pipe.prepare_extra_step_kwargs(generator, s["eta"])
+    step_latents = []
+    with _Calls(pipe.unet) as calls:
+        for t in timesteps:  # the loop of diffusers' __call__ (no callbacks)
+            x = torch.cat([latents] * 2) if do_cfg else latents
+            x = pipe.scheduler.scale_model_input(x, t)
+            x = torch.cat([x, depth_mask], dim=1)
+            noise_pred = pipe.unet(x, t, encoder_hidden_states=embeds, return_dict=False)[0]
+            if do_cfg:
+                uncond, cond = noise_pred.chunk(2)
+                noise_pred = uncond + s["guidance_scale"] * (cond - uncond)
+            latents = pipe.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+            step_latents.append(latents)
+    _record_steps(trace, timesteps, calls, step_latents)
+    decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    _record_image(trace, pipe.image_processor.postprocess(decoded, output_type="pt"), latents,
+                  pipe.vae.config.scaling_factor)
+    return trace
+
+
+def _record_depth(trace: _Trace, calls: list, depth_mask: torch.Tensor, s: dict) -> None:
+    from .depth import _autocast
+    (args, kwargs, out), = calls
+    pixels = args[0] if args else kwargs["pixel_values"]
+    trace.add("depth input (pixel values)", pixels)
+
+    def rerun(net):  # under the pipelines' autocast for half precision
+        with _autocast(torch.device(s["device"]), DTYPES[s["dtype"]]):
+            net(pixels)
+    trace.add("depth estimate (DPT)", getattr(out, "predicted_depth", out), "depth_estimator", rerun)
+    trace.add("depth channel", depth_mask)
+
+
+def _record_latents(trace: _Trace, noised: list, image: torch.Tensor, scaling_factor: float) -> None:
+    (x0, noise, out), = noised
+    trace.add("posterior sample (scaled)", x0, "vae", lambda net: net.encode(image))
+    trace.add("img2img noise", noise)
+    trace.add("noised latents", out)
+
+
+def _record_image(trace: _Trace, image: torch.Tensor, latents: torch.Tensor, scaling_factor: float) -> None:
+    trace.add("image", image, "vae", lambda net: net.decode(latents / scaling_factor))
+
+
+# ------------------------------------------------------------------------------------------------ compare
+def _keymap(network: str, ours: torch.nn.Module, ref: torch.nn.Module):
+    """Our key map for the reference's naming of this network (e.g. transformers 5's CLIP names)."""
+    from .checkpoints.pretrained import folder_format
+    return folder_format(type(ours)).keymap_for(list(ref.state_dict()))
+
+
+def load_pipelines(model, reference_model, dtype: str, device: str):
+    """(minidepth pipeline, diffusers pipeline): folders are loaded, already loaded pipelines are used as they are."""
+    from .pipeline import StableDiffusionDepth2ImgPipeline
+    torch_dtype = DTYPES[dtype]
+    ours = model
+    if isinstance(model, (str, os.PathLike)):
+        ours = StableDiffusionDepth2ImgPipeline.from_pretrained(model, torch_dtype=torch_dtype, device=device)
+    ref = reference_model if reference_model is not None else model
+    if isinstance(ref, (str, os.PathLike)):
+        from diffusers import StableDiffusionDepth2ImgPipeline as Reference
+        ref = Reference.from_pretrained(ref, dtype=torch_dtype).to(device)
+    for pipe in (ours, ref):
+        pipe.set_progress_bar_config(disable=True)
+    return ours, ref
+
+
+def _set_scheduler(ours, ref, name: str | None) -> None:
+    """`name`: a `minidepth generate --scheduler` name (e.g. "dpm++2m-karras") or a class name; None keeps the
+    checkpoint's own. Both sides get the same class with the same config."""
+    if name is None:
+        return
+    import diffusers
+
+    from . import schedulers
+    from .cli import SCHEDULERS
+    cls, overrides = SCHEDULERS.get(name, (name, {}))
+    if not hasattr(schedulers, cls) or not hasattr(diffusers, cls):
+        raise ValueError(f"unknown scheduler {name!r}; one of: {', '.join(SCHEDULERS)}")
+    config = {**dict(ref.scheduler.config), **overrides}
+    ref.scheduler = getattr(diffusers, cls).from_config(config)
+    ours.scheduler = getattr(schedulers, cls).from_config(config)
+
+
+def compare(model, reference_model=None, *, image, prompt: str, negative_prompt: str | None = None,
+            steps: int = 10, strength: float = 0.8, guidance_scale: float = 7.5, eta: float = 0.0,
+            scheduler: str | None = None, seed: int = 0, dtype: str = "fp32", device: str = "cpu",
+            tolerance: float | None = None, drill: bool = True) -> ParityReport:
+    """Run minidepth on `model` and diffusers on `reference_model` (default: `model`) with the same inputs and
+    generators, compare every stage (see the module docstring), drill into the network of the first stage beyond
+    `tolerance` (default: `default_tolerance(device, dtype)`). `model` / `reference_model`: a checkpoint folder or an
+    already loaded pipeline; `image`: a path or a PIL image."""
+    import PIL.Image
+
+    from .image_processing import to_rgb
+    versions = require_references()
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    tolerance = default_tolerance(device, dtype) if tolerance is None else tolerance
+    photo = to_rgb(PIL.Image.open(image) if isinstance(image, (str, os.PathLike)) else image)
+    ours, ref = load_pipelines(model, reference_model, dtype, device)
+    _set_scheduler(ours, ref, scheduler)
+    s = {"model": str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__,
+         "reference_model": str(reference_model if reference_model is not None else model)
+         if isinstance(reference_model if reference_model is not None else model, (str, os.PathLike)) else
+         type(reference_model).__name__, "prompt": prompt, "negative_prompt": negative_prompt, "steps": steps,
+         "strength": strength, "guidance_scale": guidance_scale, "eta": eta,
+         "scheduler": scheduler or type(ref.scheduler).__name__, "seed": seed, "dtype": dtype, "device": device,
+         "size": list(photo.size), "tolerance": tolerance}
+    traces = [trace(pipe, photo, s, torch.Generator(device).manual_seed(seed))
+              for trace, pipe in ((trace_minidepth, ours), (trace_diffusers, ref))]
+    stages = []
+    for name, a in traces[0].stages.items():
+        b = traces[1].stages.get(name)
+        if b is None or a.shape != b.shape:
+            shape = tuple(a.shape) if b is None else (tuple(a.shape), tuple(b.shape))
+            stages.append(Stage(name, shape, math.inf, math.inf, tolerance, False, traces[0].networks.get(name)))
+            continue
+        max_abs, max_rel = differences(a, b)
+        stages.append(Stage(name, tuple(a.shape), max_abs, max_rel, tolerance, max_rel <= tolerance,
+                            traces[0].networks.get(name)))
+    report = ParityReport(stages, s, versions, images=(traces[0].stages["image"], traces[1].stages["image"]))
+    first = report.first_failure
+    if drill and first is not None and first.network is not None:
+        net_ours, net_ref = getattr(ours, first.network), getattr(ref, first.network)
+        pairs = module_pairs(net_ours, net_ref, _keymap(first.network, net_ours, net_ref))
+        report.drill = first_difference(net_ours, net_ref, traces[0].reruns[first.name], pairs,
+                                        tolerance=tolerance, network=first.network, stage=first.name)
+    return report
