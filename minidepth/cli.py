@@ -1,161 +1,39 @@
-"""The `minidepth` command line: depth-guided image generation, depth estimation, and checkpoint download.
+"""The `minidepth` command line: depth-guided image generation, depth estimation, PNG settings, checkpoint download.
 
     minidepth generate --image photo.jpg --prompt "a marble statue" --seed 0 --out statue.png --grid
+    minidepth info statue.png                  # the settings saved in the PNG (AUTOMATIC1111's format)
+    minidepth generate --from statue.png --steps 30 --out statue-30.png
     minidepth depth --image photo.jpg --out depth.png --raw depth16.png
+    minidepth schedulers
     minidepth download --dir weights/stable-diffusion-2-depth
 
 Rules every subcommand follows:
   - errors are ONE line on stderr (`minidepth <command>: error: ...`); exit code 2 for usage errors and bad values,
     1 for everything else (missing files, unreadable images, checkpoints), 130 after Ctrl-C;
-  - an existing output file is never replaced unless `--overwrite` is given; all outputs are checked BEFORE any work;
-  - outputs are written atomically: to a hidden temporary file in the same folder, then renamed over the target, so an
-    interrupted run leaves either the old file or the complete new one, never half a PNG.
-torch and the models are imported only once a subcommand runs, so `minidepth --help` is quick.
+  - everything that needs no model (option values, input files, outputs) is checked BEFORE a model loads;
+  - a silent change (resize, conversion, stretched depth map, ...) gets a one-line warning;
+  - an existing output file is never replaced unless `--overwrite` is given; outputs are written atomically (a hidden
+    temporary file in the same folder, renamed over the target).
+torch and the models are imported only once a subcommand needs them, so `minidepth --help` / `--version` are quick.
+Options and checks: `cli_args.py`; files, warnings and the grid: `cli_files.py`; PNG settings: `png_metadata.py`.
 """
 
 from __future__ import annotations
 
-import argparse
+import inspect
+import json
 import os
 import re
 import sys
-import tempfile
+import time
 from pathlib import Path
 
-DEFAULT_MODEL = "sd2-community/stable-diffusion-2-depth"  # = checkpoints.hub.DEFAULT_MODEL_ID (not imported: speed)
-
-# --scheduler name -> (class in minidepth.schedulers, config overrides). The checkpoint's own (PNDM) when not given.
-SCHEDULERS = {
-    "ddim": ("DDIMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpm2": ("KDPM2DiscreteScheduler", {}),
-    "dpm2-a": ("KDPM2AncestralDiscreteScheduler", {}),
-    "dpm++2m": ("DPMSolverMultistepScheduler", {}),
-    "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "dpm-singlestep": ("DPMSolverSinglestepScheduler", {}),
-    "deis": ("DEISMultistepScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-# the pipeline's argument names -> the options that set them (to translate its ValueErrors)
-OPTION_OF = {"strength": "--strength", "num_inference_steps": "--steps", "guidance_scale": "--guidance",
-             "num_images_per_prompt": "--num-images", "prompt": "--prompt", "negative_prompt": "--negative-prompt",
-             "image": "--image", "depth_map": "--depth-map"}
-
-
-class CLIError(Exception):
-    """A problem to report in one line; `code` is the exit status."""
-
-    def __init__(self, message: str, code: int = 1):
-        super().__init__(message)
-        self.code = code
-
-
-# ------------------------------------------------------------------------------------------------ output files
-def planned_outputs(out: Path, num_images: int, save_depth: bool, grid: bool) -> dict[str, list[Path]]:
-    """Every file `generate` will write: out.png, or out-1.png ... out-N.png; out-depth.png; out-grid.png."""
-    stem, suffix = out.with_suffix(""), out.suffix or ".png"
-    images = [stem.with_suffix(suffix)] if num_images == 1 else \
-        [stem.with_name(f"{stem.name}-{i}{suffix}") for i in range(1, num_images + 1)]
-    return {"images": images,
-            "depth": [stem.with_name(f"{stem.name}-depth.png")] if save_depth else [],
-            "grid": [stem.with_name(f"{stem.name}-grid.png")] if grid else []}
-
-
-def check_outputs(paths: list[Path], overwrite: bool) -> None:
-    """Fail before any work if an output exists (without --overwrite) or cannot be written as an image."""
-    from PIL import Image
-    extensions = Image.registered_extensions()
-    for path in paths:
-        if path.suffix.lower() not in extensions or extensions[path.suffix.lower()] not in Image.SAVE:
-            raise CLIError(f"cannot write {path}: unknown image file extension {path.suffix!r} (use .png)", code=2)
-        if path.is_dir():
-            raise CLIError(f"output {path} is a folder; give a file name such as {path / 'out.png'}", code=2)
-        if path.exists() and not overwrite:
-            raise CLIError(f"output {path} already exists; pass --overwrite to replace it, or choose another --out")
-    if len(set(paths)) != len(paths):
-        raise CLIError(f"two outputs would share a file name: {[str(p) for p in paths]}", code=2)
-
-
-def save_atomic(image, path: Path, overwrite: bool = False) -> None:
-    """Write a PIL image to `path` through a temporary file in the same folder + os.replace (atomic on POSIX/NTFS)."""
-    from PIL import Image
-    if path.exists() and not overwrite:  # appeared while we were computing
-        raise CLIError(f"output {path} already exists; pass --overwrite to replace it, or choose another --out")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = Image.registered_extensions()[path.suffix.lower()]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files; give the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format=fmt)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # includes KeyboardInterrupt: never leave the temporary file behind
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def compose_grid(images: list, height: int | None = None):
-    """Side by side, left to right, all scaled to the same height (the last image's by default)."""
-    from PIL import Image
-    height = height or images[-1].height
-    scaled = [im if im.height == height else
-              im.resize((max(1, round(im.width * height / im.height)), height), Image.BICUBIC) for im in images]
-    grid = Image.new("RGB", (sum(im.width for im in scaled), height))
-    x = 0
-    for im in scaled:
-        grid.paste(im.convert("RGB"), (x, 0))
-        x += im.width
-    return grid
-
-
-# ------------------------------------------------------------------------------------------------ inputs
-def read_image(path: str):
-    from .image_processing import load_image
-    try:
-        return load_image(path)
-    except (FileNotFoundError, ValueError) as e:
-        raise CLIError(f"--image: {e}") from e
-
-
-def read_depth_map(path: str):
-    """A depth file -> (1, H, W) float32 tensor, larger = nearer (the DPT convention): a .npy array, or a grayscale
-    image (8/16-bit PNG such as the `--raw` output of `minidepth depth`)."""
-    import numpy as np
-    import torch
-    from PIL import Image
-    if not os.path.isfile(path):
-        raise CLIError(f"--depth-map: file not found: {path}")
-    try:
-        if path.lower().endswith(".npy"):
-            array = np.load(path, allow_pickle=False)
-        else:
-            with Image.open(path) as img:
-                img.load()
-                array = np.asarray(img)
-    except (OSError, ValueError) as e:
-        raise CLIError(f"--depth-map: {path} is not a readable .npy array or image ({e})") from e
-    if array.ndim == 3 and array.shape[-1] in (3, 4):
-        if not (np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(array[..., 0], array[..., 2])):
-            raise CLIError(f"--depth-map: {path} is a colour image; pass a grayscale depth image (e.g. the --raw "
-                           "output of `minidepth depth`) or a .npy array")
-        array = array[..., 0]
-    array = np.squeeze(array)
-    if array.ndim != 2 or not np.issubdtype(array.dtype, np.number):
-        raise CLIError(f"--depth-map: {path} holds an array of shape {array.shape}; expected a 2-D (H, W) depth map")
-    depth = torch.from_numpy(array.astype(np.float32))[None]  # (1, H, W)
-    if not torch.isfinite(depth).all():
-        raise CLIError(f"--depth-map: {path} contains NaN or infinite values")
-    return depth
+from . import __version__, cli_convert, parity_cli
+from .cli_args import (A1111_NAMES, DEFAULT_MODEL, DTYPES, GENERATE_DEFAULTS, OPTION_OF, SCHEDULER_TABLE,  # noqa: F401
+                       SCHEDULERS, CLIError, build_parser, check_attention_slicing, check_generate, schedulers_table,
+                       target_size)
+from .cli_files import (Console, check_outputs, compose_grid, open_image, planned_outputs,
+                        read_depth_map, save_atomic)
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -164,28 +42,62 @@ def _looks_like_path(name: str) -> bool:
             or Path(name).expanduser().parent.is_dir())
 
 
+def hub_error(repo_id: str, error: BaseException, downloading: bool = False) -> str:
+    """Why the Hub did not deliver `repo_id`, in one sentence with what to do."""
+    from huggingface_hub import constants
+    folder = f"weights/{repo_id.split('/')[-1]}"
+    local = (f"or use a checkpoint folder: --model {folder} (made with `minidepth download --model {repo_id} "
+             f"--dir {folder}` where the Hub is reachable)")
+    if downloading:
+        local = (f"or run `minidepth download --model {repo_id} --dir {folder}` where the Hub is reachable, copy "
+                 f"{folder} here and pass it as --model")
+    if constants.HF_HUB_OFFLINE:
+        return (f"{repo_id} is not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 turns downloading off; "
+                f"unset HF_HUB_OFFLINE to download it, {local}")
+    chain, e = [], error
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    names = " ".join(f"{type(x).__name__} {x}" for x in chain)
+    if re.search(r"LocalEntryNotFound|Connect|Timeout|Name or service|resolve host|Network|Proxy", names):
+        reason = str(chain[-1]).strip().splitlines()[0] if str(chain[-1]).strip() else type(chain[-1]).__name__
+        reason = re.sub(r"^Got: \w+: ", "", reason)
+        return (f"could not reach the Hugging Face Hub ({constants.ENDPOINT}) to fetch {repo_id} ({reason}); check "
+                f"the network connection or the proxy (HTTPS_PROXY; HF_ENDPOINT for a mirror), {local}")
+    if any(type(x).__name__ in ("RepositoryNotFoundError", "GatedRepoError") for x in chain):
+        return (f"{repo_id} was not found on the Hugging Face Hub or is not accessible (a typo? private and gated "
+                f"repos need `hf auth login`); {local}")
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"could not fetch {repo_id} from the Hugging Face Hub ({type(error).__name__}: {reason}); {local}"
+
+
 def resolve_model(model: str, *, variant: str | None = None, revision: str | None = None) -> Path:
     """--model -> a local checkpoint folder (downloading a Hub repo id when it is not cached yet)."""
-    from .checkpoints.hub import resolve_checkpoint
+    folder = Path(model).expanduser()
     fetch = f"minidepth download --model {DEFAULT_MODEL} --dir {model}"
-    if Path(model).expanduser().is_dir():
-        if not (Path(model).expanduser() / "model_index.json").is_file():
+    if folder.is_dir():
+        if not (folder / "model_index.json").is_file():
             raise CLIError(f"--model: {model} is not a checkpoint folder (no model_index.json); "
                            f"fetch one with: {fetch}")
-        return Path(model).expanduser()
+        return folder
     if _looks_like_path(model):
         raise CLIError(f"--model: checkpoint folder {model} not found; fetch one with: {fetch}")
+    from .checkpoints.hub import resolve_checkpoint
     try:
         return resolve_checkpoint(model, variant=variant, revision=revision)
-    except FileNotFoundError as e:  # not cached and offline
-        raise CLIError(f"--model: {model} is neither a checkpoint folder nor a Hub repo in the local cache "
-                       f"(downloading is off); fetch it with: minidepth download --model {model}  (for a folder "
-                       f"with the default checkpoint: {fetch})") from e
-    except Exception as e:  # network or Hub errors (unknown repo, no connection, gated model, ...)
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CLIError(f"--model: could not fetch {model} from the Hugging Face Hub ({reason}); when online, run: "
-                       f"minidepth download --model {model} --dir weights/{model.split('/')[-1]}  and pass that "
-                       "folder as --model") from e
+    except Exception as e:  # not cached and offline, no connection, unknown repo, gated model, ...
+        raise CLIError(f"--model: {hub_error(model, e)}") from e
+
+
+def checkpoint_limits(root: Path) -> tuple[int, int]:
+    """(num_train_timesteps, CLIP layers) from the checkpoint's configs, without loading a model."""
+    def read(rel, key, default):
+        try:
+            return int(json.loads((root / rel).read_text()).get(key, default))
+        except (OSError, ValueError, TypeError, AttributeError):
+            return default
+    return read("scheduler/scheduler_config.json", "num_train_timesteps", 1000), \
+        read("text_encoder/config.json", "num_hidden_layers", 23)
 
 
 def detect_variant(folder: Path, component: str, variant: str | None) -> str | None:
@@ -197,60 +109,226 @@ def detect_variant(folder: Path, component: str, variant: str | None) -> str | N
     return "fp16" if not plain and any(".fp16." in n for n in files) else None
 
 
-# ------------------------------------------------------------------------------------------------ subcommands
-def cmd_generate(args) -> int:
+def pick_device(name: str | None) -> str:
     import torch
-    from .pipeline_io import check_call_arguments
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda: no CUDA device is available (use --device cpu)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise CLIError("--device mps: Apple's MPS backend is not available (use --device cpu)")
+    return name
 
-    image = read_image(args.image)
-    try:  # the pipeline's own checks, run before the (slow) model loading
-        check_call_arguments(None, prompt=args.prompt, image=image, strength=args.strength,
-                             num_inference_steps=args.steps, guidance_scale=args.guidance,
-                             negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
-                             generator=None, prompt_embeds=None, negative_prompt_embeds=None, output_type="pil",
-                             clip_skip=None, callback_steps=None, callback_on_step_end_tensor_inputs=(),
-                             allowed_tensor_inputs=(), depth_map=None)
-    except (ValueError, TypeError) as e:
-        message = re.sub(r"`(\w+)`", lambda m: OPTION_OF.get(m.group(1), m.group(0)), str(e))
-        raise CLIError(message, code=2) from e
-    out = Path(args.out) if args.out else Path(Path(args.image).stem + "-depth2img.png")
-    outputs = planned_outputs(out, args.num_images, args.save_depth, args.grid)
-    check_outputs([p for paths in outputs.values() for p in paths], args.overwrite)
-    depth_map = read_depth_map(args.depth_map) if args.depth_map else None
+
+def warn_half_on_cpu(console: Console, dtype: str, device: str | None) -> None:
+    if device == "cpu" and dtype != "fp32":
+        console.warn(f"--dtype {dtype} on the CPU is very slow (CPUs have few half-precision kernels); "
+                     "--dtype fp32 is faster there")
+
+
+# ------------------------------------------------------------------------------------------------ generate
+def settings_from_png(path: str) -> dict:
+    """`--from PNG` -> the generate settings saved in it (only the keys `--from` restores)."""
+    from .png_metadata import read_settings
+    if not os.path.isfile(path):
+        raise CLIError(f"--from: file not found: {path}")
+    try:
+        settings, _ = read_settings(path)
+    except (OSError, ValueError) as e:
+        raise CLIError(f"--from: {path} is not a readable image ({e})") from e
+    if not settings:
+        raise CLIError(f"--from: {path} holds no generation settings (no `parameters` or `minidepth` PNG text "
+                       "chunk); only PNGs saved by `minidepth generate` or AUTOMATIC1111 have them")
+    restored = {k: v for k, v in settings.items() if k in GENERATE_DEFAULTS}
+    if isinstance(restored.get("image"), str):
+        restored["image"] = [restored["image"]]
+    restored["_sha256"] = settings.get("image_sha256")
+    return restored
+
+
+def _sha256(path) -> str:
+    import hashlib
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _plan(args, s: dict, photos: list) -> list[dict]:
+    """One job per photo: its final size and the files it writes."""
+    jobs = []
+    folder = Path(args.out) if args.out else Path(".")
+    if len(photos) > 1 and args.out and Path(args.out).suffix:
+        raise CLIError(f"--out {args.out}: with {len(photos)} --image files, --out is a folder (each output is "
+                       "named after its photo)", code=2)
+    for path, photo in zip(s["image"], photos):
+        size = target_size(photo.size, s["width"], s["height"])
+        floored = tuple(v - v % 8 for v in size)
+        if min(floored) < 8:
+            raise CLIError(f"--image {path} is {photo.width}x{photo.height} pixels; images must be at least 8x8 "
+                           "(or pass --width/--height to resize it)")
+        warning = None if floored == size else (
+            f"--image {path} is {size[0]}x{size[1]} pixels; sides must be multiples of 8, so it is resized to "
+            f"{floored[0]}x{floored[1]} (--width/--height choose the size)")
+        out = Path(args.out) if args.out and len(photos) == 1 else folder / f"{Path(path).stem}-depth2img.png"
+        jobs.append({"path": path, "photo": photo, "size": floored, "resize": size != photo.size,
+                     "warning": warning,
+                     "outputs": planned_outputs(out, args.num_images, args.save_depth, args.grid)})
+    return jobs
+
+
+def cmd_generate(args, console: Console) -> int:
+    start = time.perf_counter()
+    restored = settings_from_png(args.from_png) if args.from_png else {}
+    given = {k: v for k, v in vars(args).items() if k in GENERATE_DEFAULTS}
+    s = {**GENERATE_DEFAULTS, **{k: v for k, v in restored.items() if k in GENERATE_DEFAULTS}, **given}
+    if not s["image"]:
+        raise CLIError("--image is required (or --from IMAGE.png, a PNG saved by `minidepth generate`)", code=2)
+    if s["prompt"] is None:
+        raise CLIError("--prompt is required (or --from IMAGE.png); pass --prompt \"\" for none", code=2)
+    check_generate(s, args.num_images)
+    slicing = check_attention_slicing(args.attention_slicing)
+    if args.cpu_offload and args.device == "cpu":
+        raise CLIError("--cpu-offload with --device cpu: offloading moves models to an accelerator while they run; "
+                       "use --device cuda or mps", code=2)
+    if not s["prompt"].strip():
+        console.warn("--prompt is empty: nothing steers the image but the photo and its depth (unconditional)")
+    warn_half_on_cpu(console, s["dtype"], args.device)
+
+    # input files, outputs, the checkpoint's limits: all before torch is imported
+    if "image" not in given and not os.path.isfile(s["image"][0]):
+        raise CLIError(f"--from {args.from_png}: its photo {s['image'][0]} is not there; pass --image")
+    photos = [open_image(p, console) for p in s["image"]]
+    if restored.get("_sha256") and "image" not in given and _sha256(s["image"][0]) != restored["_sha256"]:
+        console.warn(f"--from {args.from_png}: the photo {s['image'][0]} has changed since; the result will differ")
+    jobs = _plan(args, s, photos)
+    for job in jobs:
+        if job["warning"]:
+            console.warn(job["warning"])
+    depth_array = read_depth_map(s["depth_map"]) if s["depth_map"] else None
+    if depth_array is not None:
+        dh, dw = depth_array.shape
+        for job in jobs:
+            w, h = job["size"]
+            if abs((dw / dh) / (w / h) - 1) > 0.01:
+                console.warn(f"--depth-map {s['depth_map']} is {dw}x{dh} but the image is {w}x{h}: the depth map is "
+                             f"stretched from aspect ratio {dw / dh:.2f} to {w / h:.2f}")
+    check_outputs([p for job in jobs for paths in job["outputs"].values() for p in paths], args.overwrite)
+    root = resolve_model(s["model"], variant=s["variant"], revision=s["revision"])
+    max_steps, layers = checkpoint_limits(root)
+    check_generate(s, args.num_images, max_steps)
+    if s["clip_skip"] is not None and s["clip_skip"] >= layers:
+        raise CLIError(f"--clip-skip {s['clip_skip']}: must be in [0, {layers - 1}] (the text encoder has {layers} "
+                       "layers)", code=2)
+
+    import torch
+    from .image_processing import to_rgb
     device = pick_device(args.device)
-
-    pipe = load_pipeline(args.model, args.variant, args.revision, args.dtype, device)
-    if args.scheduler:
+    if args.device is None:
+        warn_half_on_cpu(console, s["dtype"], device)
+    if args.cpu_offload and device == "cpu":
+        raise CLIError("--cpu-offload: no cuda or mps device here; offloading needs an accelerator", code=2)
+    times = {"load": 0.0, "depth": 0.0, "denoise": 0.0, "decode": 0.0}
+    t = time.perf_counter()
+    pipe = load_pipeline(root, s["variant"], s["dtype"], "cpu" if args.cpu_offload else device, console)
+    if args.cpu_offload:
+        pipe.enable_model_cpu_offload(device)
+    times["load"] = time.perf_counter() - t
+    if s["scheduler"]:
         from . import schedulers
-        name, overrides = SCHEDULERS[args.scheduler]
+        name, overrides = SCHEDULERS[s["scheduler"]]
         pipe.scheduler = getattr(schedulers, name).from_config({**dict(pipe.scheduler.config), **overrides})
-    pipe.set_progress_bar_config(desc="denoising", file=sys.stderr)
-    generator = None
-    if args.seed is not None:
-        generator = torch.Generator(device).manual_seed(args.seed)
+    key = s["scheduler"] or next((k for k, (cls, overrides) in SCHEDULERS.items()
+                                  if cls == type(pipe.scheduler).__name__ and not overrides), None)
+    sampler = A1111_NAMES.get(key, type(pipe.scheduler).__name__)
+    if s["eta"] and "eta" not in inspect.signature(pipe.scheduler.step).parameters:
+        console.warn(f"--eta {s['eta']} has no effect with {type(pipe.scheduler).__name__} (only ddim uses eta)")
+    if slicing is not None:
+        pipe.enable_attention_slicing(slicing)
+    if args.vae_slicing:
+        pipe.enable_vae_slicing()
+    if args.vae_tiling:
+        pipe.enable_vae_tiling()
+    _time_steps(pipe, times, device)
+    pipe.set_progress_bar_config(desc="denoising", file=sys.stderr, disable=args.quiet)
+    seed = s["seed"]
+    if seed is None or seed == -1:
+        import random
+        seed = random.randrange(2 ** 32)
+        console.info(f"seed: {seed}  (pass --seed {seed} to get the same image again)")
+    depth_map = torch.from_numpy(depth_array)[None] if depth_array is not None else None
+    model_name = Path(root).name if Path(s["model"]).expanduser().is_dir() else s["model"].split("/")[-1]
+    model_record = str(Path(s["model"]).expanduser().resolve()) if Path(s["model"]).expanduser().is_dir() \
+        else s["model"]
+
+    from .png_metadata import png_info
     estimated = []  # the DPT output the pipeline computes, kept for --save-depth / --grid (no second DPT run)
     hook = pipe.depth_estimator.register_forward_hook(lambda module, inputs, output: estimated.append(output))
-    try:
-        result = pipe(prompt=args.prompt, image=image, depth_map=depth_map, strength=args.strength,
-                      num_inference_steps=args.steps, guidance_scale=args.guidance,
-                      negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images,
-                      generator=generator)
-    finally:
-        hook.remove()
-    for img, path in zip(result.images, outputs["images"]):
-        save_atomic(img, path, args.overwrite)
-        print(path)
-    if args.save_depth or args.grid:
-        size = result.images[0].size  # (W, H) of the outputs
-        colour = depth_image(depth_map if depth_map is not None else estimated[0], size)
-        for path in outputs["depth"]:
-            save_atomic(colour, path, args.overwrite)
-            print(path)
-        for path in outputs["grid"]:
-            grid = compose_grid([image.resize(size, resample=3), colour, *result.images])  # 3 = bicubic
-            save_atomic(grid, path, args.overwrite)
-            print(path)
+    for job in jobs:
+        image = to_rgb(job["photo"])
+        if job["resize"]:
+            image = image.resize(job["size"], resample=1)  # 1 = LANCZOS, as the pipeline's own resize
+        n = args.num_images
+        seeds = [seed + i for i in range(n)]
+        generators = [torch.Generator(device).manual_seed(x) for x in seeds]
+        estimated.clear()
+        try:
+            result = pipe(prompt=s["prompt"], image=image, depth_map=depth_map, strength=s["strength"],
+                          num_inference_steps=s["steps"], guidance_scale=s["guidance"],
+                          negative_prompt=s["negative_prompt"], num_images_per_prompt=n, eta=s["eta"],
+                          clip_skip=s["clip_skip"], generator=generators[0] if n == 1 else generators)
+        except (ValueError, TypeError) as e:  # the pipeline's own checks, in the options' names
+            message = re.sub(r"`(\w+)`", lambda m: OPTION_OF.get(m.group(1), m.group(0)), str(e))
+            raise CLIError(message, code=2 if "`" in str(e) else 1) from e
+        record = {"version": __version__, "prompt": s["prompt"], "negative_prompt": s["negative_prompt"],
+                  "steps": s["steps"], "strength": s["strength"], "guidance": s["guidance"],
+                  "scheduler": s["scheduler"], "sampler": sampler, "eta": s["eta"], "clip_skip": s["clip_skip"],
+                  "width": s["width"], "height": s["height"], "size": list(result.images[0].size),
+                  "image": str(Path(job["path"]).resolve()), "image_sha256": _sha256(job["path"]),
+                  "depth_map": str(Path(s["depth_map"]).resolve()) if s["depth_map"] else None,
+                  "model": model_record, "model_name": model_name, "variant": s["variant"],
+                  "revision": s["revision"], "dtype": s["dtype"], "device": device}
+        for img, path, x in zip(result.images, job["outputs"]["images"], seeds):
+            save_atomic(img, path, args.overwrite, pnginfo=png_info({**record, "seed": x}))
+            print(path, flush=True)
+        if args.save_depth or args.grid:
+            size = result.images[0].size  # (W, H) of the outputs
+            colour = depth_image(depth_map if depth_map is not None else estimated[0], size)
+            for path in job["outputs"]["depth"]:
+                save_atomic(colour, path, args.overwrite)
+                print(path, flush=True)
+            for path in job["outputs"]["grid"]:
+                labels = ["photo", "depth map" if depth_map is not None else "depth"] + [f"seed {x}" for x in seeds]
+                grid = compose_grid([image.resize(size, resample=3), colour, *result.images], labels=labels,
+                                    border=2)  # 3 = bicubic
+                save_atomic(grid, path, args.overwrite, pnginfo=png_info({**record, "seed": seed}))
+                print(path, flush=True)
+    total = time.perf_counter() - start
+    console.info("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()) + f", total {total:.1f} s")
     return 0
+
+
+def _time_steps(pipe, times: dict, device: str) -> None:
+    """Wrap the pipeline's depth / denoise / decode steps (instance attributes shadow the methods) to time them."""
+    import torch
+
+    def timed(key, method):
+        def run(*a, **k):
+            t = time.perf_counter()
+            try:
+                return method(*a, **k)
+            finally:
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times[key] += time.perf_counter() - t
+        return run
+    for key, name in (("depth", "prepare_depth_map"), ("denoise", "denoise"), ("decode", "decode")):
+        setattr(pipe, name, timed(key, getattr(pipe, name)))
+
+
+def load_pipeline(root: Path, variant: str | None, dtype: str, device: str, console: Console):
+    import torch
+    from .pipeline import StableDiffusionDepth2ImgPipeline
+    console.info(f"loading {root} ({dtype}) on {device}")
+    return StableDiffusionDepth2ImgPipeline.from_pretrained(
+        root, torch_dtype=getattr(torch, DTYPES[dtype]), variant=detect_variant(root, "unet", variant), device=device)
 
 
 def depth_image(depth, size: tuple[int, int], raw16: bool = False):
@@ -268,22 +346,28 @@ def depth_image(depth, size: tuple[int, int], raw16: bool = False):
     return Image.fromarray(np.round(t.numpy() * 65535).astype(np.uint16))
 
 
-def cmd_depth(args) -> int:
-    import torch
-    image = read_image(args.image)
+# ------------------------------------------------------------------------------------------------ other commands
+def cmd_depth(args, console: Console) -> int:
+    photo = open_image(args.image, console)
     paths = [Path(args.out)] + ([Path(args.raw)] if args.raw else [])
     check_outputs(paths, args.overwrite)
     if args.raw and Path(args.raw).suffix.lower() != ".png":
         raise CLIError(f"--raw {args.raw}: the 16-bit depth map is written as PNG; use a .png name", code=2)
-    device = pick_device(args.device)
+    warn_half_on_cpu(console, args.dtype, args.device)
     root = resolve_model(args.model, variant=args.variant, revision=args.revision)
-    variant = detect_variant(root, "depth_estimator", args.variant)
-    print(f"loading the depth model from {root} on {device}", file=sys.stderr)
+    import torch
     from .depth import DPTImageProcessor, estimate_depth
+    from .image_processing import to_rgb
     from .models.dpt import DPTDepthModel
+    device = pick_device(args.device)
+    if args.device is None:
+        warn_half_on_cpu(console, args.dtype, device)
+    variant = detect_variant(root, "depth_estimator", args.variant)
+    console.info(f"loading the depth model from {root} ({args.dtype}) on {device}")
     model = DPTDepthModel.from_pretrained(root / "depth_estimator", variant=variant, device=device,
-                                          dtype=torch.float32)
+                                          dtype=getattr(torch, DTYPES[args.dtype]))
     processor = DPTImageProcessor.from_pretrained(root / "feature_extractor")
+    image = to_rgb(photo)
     depth = estimate_depth(image, model, processor)  # (1, 384, 384), larger = nearer
     save_atomic(depth_image(depth, image.size), Path(args.out), args.overwrite)
     print(args.out)
@@ -293,12 +377,33 @@ def cmd_depth(args) -> int:
     return 0
 
 
-def cmd_download(args) -> int:
+def cmd_info(args, console: Console) -> int:
+    from .png_metadata import parameters_text, read_settings
+    if not os.path.isfile(args.png):
+        raise CLIError(f"file not found: {args.png}")
+    try:
+        settings, text = read_settings(args.png)
+    except (OSError, ValueError) as e:
+        raise CLIError(f"{args.png} is not a readable image ({e})") from e
+    if not settings:
+        raise CLIError(f"{args.png} holds no generation settings (no `parameters` or `minidepth` PNG text chunk); "
+                       "only PNGs saved by `minidepth generate` or AUTOMATIC1111 have them")
+    print(json.dumps(settings, indent=2, ensure_ascii=False) if args.json else text or parameters_text(settings))
+    console.info(f"rerun with: minidepth generate --from {args.png}")
+    return 0
+
+
+def cmd_schedulers(args, console: Console) -> int:
+    print(schedulers_table())
+    return 0
+
+
+def cmd_download(args, console: Console) -> int:
     if Path(args.model).expanduser().is_dir():
         raise CLIError(f"--model {args.model} is already a local folder; pass it to --model directly", code=2)
     folder = download(args.model, Path(args.dir) if args.dir else None, args.variant, args.revision)
     print(folder)
-    print(f"use it with: minidepth generate --model {args.dir or args.model} ...", file=sys.stderr)
+    console.info(f"use it with: minidepth generate --model {args.dir or args.model} ...")
     return 0
 
 
@@ -309,126 +414,26 @@ def download(repo_id: str, folder: Path | None, variant: str | None, revision: s
     try:
         root = download_checkpoint(repo_id, variant=variant, revision=revision, local_dir=folder)
     except Exception as e:  # no connection, unknown repo, gated model, offline mode, ...
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CLIError(f"could not download {repo_id}: {type(e).__name__}: {reason}") from e
+        raise CLIError(hub_error(repo_id, e, downloading=True)) from e
     if not (root / "model_index.json").is_file():
         raise CLIError(f"{repo_id} has no model_index.json: not a diffusers checkpoint")
     return root
 
 
-# ------------------------------------------------------------------------------------------------ helpers
-def pick_device(name: str | None) -> str:
-    import torch
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise CLIError("--device cuda: no CUDA device is available (use --device cpu)")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise CLIError("--device mps: Apple's MPS backend is not available (use --device cpu)")
-    return name
-
-
-def load_pipeline(model: str, variant: str | None, revision: str | None, dtype: str, device: str):
-    import torch
-    from .pipeline import StableDiffusionDepth2ImgPipeline
-    root = resolve_model(model, variant=variant, revision=revision)
-    print(f"loading {root} ({dtype}) on {device}", file=sys.stderr)
-    return StableDiffusionDepth2ImgPipeline.from_pretrained(
-        root, torch_dtype=getattr(torch, DTYPES[dtype]), variant=detect_variant(root, "unet", variant), device=device)
-
-
-# ------------------------------------------------------------------------------------------------ arguments
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Show "(default: X)" only where there is a default worth showing and the help does not already say it."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, False) or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of argparse's usage block
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
-
-
-def _model_options(p, variant_help: str) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH_OR_REPO_ID",
-                   help=f"checkpoint folder (e.g. made by `minidepth download --dir ...`) or Hugging Face repo id "
-                        f"(default: {DEFAULT_MODEL})")
-    p.add_argument("--variant", choices=["fp16"], help=variant_help)
-    p.add_argument("--revision", help="Hub branch, tag or commit (repo ids only)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="minidepth", description="Stable Diffusion 2 depth-to-image in plain PyTorch.",
-                     epilog="Run `minidepth <command> --help` for the options of each command.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,depth,download}")
-    fmt = _Help
-
-    g = sub.add_parser("generate", formatter_class=fmt, help="make new images that keep a photo's 3-D layout",
-                       description="Generate images from a photo and a prompt; the photo's estimated depth map "
-                                   "keeps the layout, --strength sets how much of the photo is repainted.")
-    g.add_argument("--image", required=True, metavar="IN",
-                   help="input photo (any format Pillow reads; sides floored to multiples of 8 pixels)")
-    g.add_argument("--prompt", required=True, metavar="TEXT", help="what the new image should show")
-    g.add_argument("--negative-prompt", metavar="TEXT", help="what it should not show (used when --guidance > 1)")
-    g.add_argument("--strength", type=float, default=0.8,
-                   help="how much noise is added to the photo, in [0, 1]: 1 repaints everything, small values stay "
-                        "close to the photo; int(steps * strength) denoising steps run")
-    g.add_argument("--steps", type=int, default=50, help="number of scheduler steps for the full schedule")
-    g.add_argument("--guidance", type=float, default=7.5,
-                   help="classifier-free guidance scale; > 1 follows the prompt more closely, 1 turns guidance off")
-    g.add_argument("--seed", type=int, help="random seed for reproducible images (default: a new image each run)")
-    g.add_argument("--scheduler", choices=list(SCHEDULERS),
-                   help="sampler (default: the checkpoint's own, PNDM for stable-diffusion-2-depth)")
-    g.add_argument("--depth-map", metavar="FILE",
-                   help="use this depth map instead of estimating one: grayscale image (8/16-bit, brighter = nearer, "
-                        "e.g. the --raw output of `minidepth depth`) or a .npy (H, W) array")
-    g.add_argument("--num-images", type=int, default=1, metavar="N",
-                   help="images to generate; several are saved as OUT-1.png, OUT-2.png, ...")
-    _model_options(g, "load the half-precision weight files (auto-detected for folders that only have them)")
-    g.add_argument("--dtype", choices=list(DTYPES), default="fp32",
-                   help="computation precision (fp16/bf16 halve memory; fp16 is meant for GPUs)")
-    g.add_argument("--device", choices=["cpu", "cuda", "mps"], help="where to run (default: cuda, else mps, else cpu)")
-    g.add_argument("--out", metavar="PATH", help="output image (default: <image name>-depth2img.png in the current "
-                                                 "folder); the extension picks the format")
-    g.add_argument("--save-depth", action="store_true", help="also save the depth map as a colour image, OUT-depth.png "
-                                                              "(near = bright yellow, far = dark purple)")
-    g.add_argument("--grid", action="store_true", help="also save input | depth | output(s) side by side, "
-                                                        "OUT-grid.png")
-    g.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
-    g.set_defaults(func=cmd_generate)
-
-    d = sub.add_parser("depth", formatter_class=fmt, help="estimate a depth map only (no diffusion)",
-                       description="Estimate the relative depth of a photo with the checkpoint's DPT model (only "
-                                   "that model is loaded).")
-    d.add_argument("--image", required=True, metavar="IN", help="input photo")
-    d.add_argument("--out", required=True, metavar="PATH", help="colour depth image (near = bright yellow)")
-    d.add_argument("--raw", metavar="PATH", help="also save a 16-bit grayscale PNG (brighter = nearer, min..max -> "
-                                                 "0..65535), usable as `generate --depth-map`")
-    _model_options(d, "load the half-precision weight file (auto-detected for folders that only have it)")
-    d.add_argument("--device", choices=["cpu", "cuda", "mps"], help="where to run (default: cuda, else mps, else cpu)")
-    d.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
-    d.set_defaults(func=cmd_depth)
-
-    w = sub.add_parser("download", formatter_class=fmt, help="fetch a checkpoint for offline use",
-                       description="Download only the files minidepth reads (configs, tokenizer, one weight file "
-                                   "per model) and print the folder; pass that folder as --model afterwards.")
-    w.add_argument("--model", default=DEFAULT_MODEL, metavar="REPO_ID", help="Hugging Face repo id")
-    w.add_argument("--variant", choices=["fp16"], help="download the half-precision weight files instead (half size)")
-    w.add_argument("--dir", metavar="FOLDER", help="download into this plain folder (e.g. weights/stable-diffusion-2-"
-                                                   "depth) instead of the Hugging Face cache")
-    w.add_argument("--revision", help="branch, tag or commit")
-    w.set_defaults(func=cmd_download)
-    return parser
+COMMANDS = {"generate": cmd_generate, "depth": cmd_depth, "info": cmd_info, "schedulers": cmd_schedulers,
+            "download": cmd_download, "parity": parity_cli.run,  # parity: minidepth/parity_cli.py
+            "convert": cli_convert.run}  # convert: minidepth/cli_convert.py
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    parity_cli.add_parser(parser)
+    cli_convert.add_parser(parser)
+    args = parser.parse_args(argv)
     prog = f"minidepth {args.command}"
+    console = Console(prog, getattr(args, "quiet", False))
     try:
-        return args.func(args)
+        return COMMANDS[args.command](args, console)
     except CLIError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return e.code

@@ -32,10 +32,14 @@ def photo(width: int, height: int, seed: int = 0) -> PIL.Image.Image:
     return PIL.Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8))
 
 
-def minidepth(*args, cwd) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+def minidepth(*args, cwd, env=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "minidepth", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
+
+
+def warnings_in(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if ": warning: " in line]
 
 
 def assert_one_line_error(result, code: int, *needles: str):
@@ -113,11 +117,19 @@ def test_save_depth_and_grid(generated, pipe):
     assert depth.std(axis=(0, 1)).min() > 0, "depth image is flat"
     raw = estimate_depth(PIL.Image.open(generated[0] / "in.png"), pipe.depth_estimator, pipe.feature_extractor)
     assert_same_pixels(depth, colorize_depth(resized_depth(raw, 96, 64)), "saved depth vs estimate_depth")
-    assert grid.shape == (64, 3 * 96, 3), grid.shape  # input | depth | output
-    assert_same_pixels(grid[:, 96:192], depth, "grid middle = depth")
-    assert_same_pixels(grid[:, 192:], out, "grid right = output")
-    assert_same_pixels(grid[:, :96], PIL.Image.open(generated[0] / "in.png").resize((96, 64), PIL.Image.BICUBIC),
+    # photo | depth | output, in a 2-pixel white border, with a 15-pixel caption strip under the tiles
+    assert grid.shape == (2 + 64 + 15 + 2, 2 + 3 * (96 + 2), 3), grid.shape
+    tile = lambda i: grid[2:66, 2 + 98 * i: 98 + 98 * i]  # noqa: E731
+    assert_same_pixels(tile(1), depth, "grid middle = depth")
+    assert_same_pixels(tile(2), out, "grid right = output")
+    assert_same_pixels(tile(0), PIL.Image.open(generated[0] / "in.png").resize((96, 64), PIL.Image.BICUBIC),
                        "grid left = input")
+    for x in (0, 1, 98, 99, 196, 197, grid.shape[1] - 1):
+        assert (grid[:, x] == 255).all(), f"column {x} is not the white border"
+    assert (grid[:2] == 255).all() and (grid[-2:] == 255).all()
+    captions = grid[66:81]
+    for i in range(3):  # dark caption text under each tile
+        assert (captions[:, 2 + 98 * i: 98 + 98 * i] < 100).any(), f"no caption under tile {i}"
 
 
 def test_no_overwrite_then_overwrite(generated):
@@ -178,12 +190,17 @@ def test_depth_map_input_scheduler_and_numbering(work, depth_files, pipe):
     try:
         refs = pipe(PROMPT, image=PIL.Image.open(folder / "in.png"), num_inference_steps=3, guidance_scale=5,
                     num_images_per_prompt=2, depth_map=torch.from_numpy(d16)[None],
-                    generator=torch.Generator("cpu").manual_seed(3)).images
+                    generator=[torch.Generator("cpu").manual_seed(s) for s in (3, 4)]).images
     finally:
         pipe.scheduler = saved
     for i, ref in enumerate(refs, start=1):
         assert_same_pixels(pixels(folder / f"multi-{i}.png"), ref, f"multi-{i}.png")
     assert not (folder / "multi.png").exists()
+    from minidepth.png_metadata import read_settings
+    for i, seed in ((1, 3), (2, 4)):  # image i has seed + i - 1, as in AUTOMATIC1111
+        settings, text = read_settings(folder / f"multi-{i}.png")
+        assert settings["seed"] == seed and f"Seed: {seed}," in text and "Sampler: Euler a," in text
+        assert settings["depth_map"] == str((folder / "d16.png").resolve()) and settings["scheduler"] == "euler-a"
 
 
 def test_errors(work):
@@ -192,7 +209,8 @@ def test_errors(work):
     base = ("generate", "--prompt", PROMPT, "--steps", 2, "--model", model, "--device", "cpu")
     assert_one_line_error(minidepth(*base, "--image", "missing.jpg", cwd=folder), 1, "missing.jpg", "not found")
     assert_one_line_error(minidepth(*base, "--image", "broken.png", cwd=folder), 1, "broken.png")
-    assert_one_line_error(minidepth(*base, "--image", "in.png", "--strength", 2, cwd=folder), 2, "--strength", "2")
+    assert_one_line_error(minidepth(*base, "--image", "in.png", "--strength", 2, cwd=folder), 2, "--strength 2.0",
+                          "[0, 1]")
     no_model = minidepth("generate", "--image", "in.png", "--prompt", PROMPT, "--model", "weights/nothing-here",
                          cwd=folder)
     assert_one_line_error(no_model, 1, "minidepth download", "--dir weights/nothing-here")
@@ -253,18 +271,26 @@ def test_compose_grid():
     assert grid.size == (20 + 20 + 30, 10)
     assert_same_pixels(np.asarray(grid)[:, :20], a, "first tile")
     assert_same_pixels(np.asarray(grid)[:, 40:], c, "last tile")
+    big = [photo(160, 128, seed=i) for i in range(2)]
+    labelled = np.asarray(cli.compose_grid(big, labels=["photo", "a very long caption that cannot fit"], border=3))
+    strip = 15  # round(max(10, 128 // 16) * 1.5)
+    assert labelled.shape == (3 + 128 + strip + 3, 3 + 2 * (160 + 3), 3)
+    assert_same_pixels(labelled[3:131, 166:326], big[1], "second tile inside the border")
+    assert (labelled[:3] == 255).all() and (labelled[:, 163:166] == 255).all()
+    text = labelled[131:131 + strip] < 128
+    assert text[:, 3:163].any() and text[:, 166:326].any(), "captions missing"
+    assert not text[:, :3].any() and not text[:, 163:166].any(), "a caption spills over the border"
 
 
 def test_read_depth_map(tmp_path):
     depth = np.arange(12, dtype=np.float32).reshape(3, 4) * 1000
     np.save(tmp_path / "d.npy", depth)
-    assert torch.equal(cli.read_depth_map(str(tmp_path / "d.npy")), torch.from_numpy(depth)[None])
+    assert np.array_equal(cli.read_depth_map(str(tmp_path / "d.npy")), depth)
     PIL.Image.fromarray(depth.astype(np.uint16)).save(tmp_path / "d16.png")
-    assert torch.equal(cli.read_depth_map(str(tmp_path / "d16.png")), torch.from_numpy(depth)[None])
+    assert np.array_equal(cli.read_depth_map(str(tmp_path / "d16.png")), depth)
     grey = np.repeat((depth[..., None] / 50).astype(np.uint8), 3, axis=-1)
     PIL.Image.fromarray(grey).save(tmp_path / "grey.png")  # grey stored as RGB: fine
-    expected = torch.from_numpy(grey[..., 0].astype(np.float32))[None]
-    assert torch.equal(cli.read_depth_map(str(tmp_path / "grey.png")), expected)
+    assert np.array_equal(cli.read_depth_map(str(tmp_path / "grey.png")), grey[..., 0].astype(np.float32))
     photo(8, 8).save(tmp_path / "colour.png")
     with pytest.raises(cli.CLIError, match="colour image"):
         cli.read_depth_map(str(tmp_path / "colour.png"))
@@ -281,8 +307,12 @@ def test_model_resolution_errors(tmp_path, monkeypatch):
     (tmp_path / "weights" / "empty").mkdir()
     with pytest.raises(cli.CLIError, match="no model_index.json.*minidepth download"):
         cli.resolve_model("weights/empty")
+    import huggingface_hub.constants
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(cli.CLIError, match="minidepth download --model someone/some-model"):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once, at import
+    with pytest.raises(cli.CLIError, match="HF_HUB_OFFLINE=1 turns downloading off; unset HF_HUB_OFFLINE.*"
+                                           "--model weights/some-model.*minidepth download --model "
+                                           "someone/some-model --dir weights/some-model"):
         cli.resolve_model("someone/some-model")
 
 

