@@ -48,8 +48,9 @@ def require_references() -> dict[str, str]:
         import diffusers
         import transformers
     except ImportError as e:
-        raise ReferenceMissing(f"the parity check runs diffusers and transformers as the reference, and they are not "
-                               f"installed ({e}); install them with: {INSTALL}") from e
+        missing = e.name or "diffusers or transformers"
+        raise ReferenceMissing(f"{missing} is not installed, and the parity check runs diffusers and transformers as "
+                               f"its reference; install them with: {INSTALL}") from e
     return {"diffusers": diffusers.__version__, "transformers": transformers.__version__}
 
 
@@ -358,6 +359,20 @@ def _set_scheduler(ours, ref, name: str | None) -> None:
     ours.scheduler = getattr(schedulers, cls).from_config(config)
 
 
+def _compare_traces(ours: _Trace, ref: _Trace, tolerance: float) -> list[Stage]:
+    """One Stage per recorded name, in our order (a stage missing on one side, or of another shape, fails)."""
+    stages = []
+    for name in [*ours.stages, *(n for n in ref.stages if n not in ours.stages)]:
+        a, b = ours.stages.get(name), ref.stages.get(name)
+        shape = tuple((a if a is not None else b).shape)
+        if a is None or b is None or a.shape != b.shape:
+            stages.append(Stage(name, shape, math.inf, math.inf, tolerance, False, ours.networks.get(name)))
+            continue
+        max_abs, max_rel = differences(a, b)
+        stages.append(Stage(name, shape, max_abs, max_rel, tolerance, max_rel <= tolerance, ours.networks.get(name)))
+    return stages
+
+
 def compare(model, reference_model=None, *, image, prompt: str, negative_prompt: str | None = None,
             steps: int = 10, strength: float = 0.8, guidance_scale: float = 7.5, eta: float = 0.0,
             scheduler: str | None = None, seed: int = 0, dtype: str = "fp32", device: str = "cpu",
@@ -376,25 +391,15 @@ def compare(model, reference_model=None, *, image, prompt: str, negative_prompt:
     photo = to_rgb(PIL.Image.open(image) if isinstance(image, (str, os.PathLike)) else image)
     ours, ref = load_pipelines(model, reference_model, dtype, device)
     _set_scheduler(ours, ref, scheduler)
-    s = {"model": str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__,
-         "reference_model": str(reference_model if reference_model is not None else model)
-         if isinstance(reference_model if reference_model is not None else model, (str, os.PathLike)) else
-         type(reference_model).__name__, "prompt": prompt, "negative_prompt": negative_prompt, "steps": steps,
+    name = lambda x: str(x) if isinstance(x, (str, os.PathLike)) else type(x).__name__  # noqa: E731
+    s = {"model": name(model), "reference_model": name(model if reference_model is None else reference_model),
+         "prompt": prompt, "negative_prompt": negative_prompt, "steps": steps,
          "strength": strength, "guidance_scale": guidance_scale, "eta": eta,
          "scheduler": scheduler or type(ref.scheduler).__name__, "seed": seed, "dtype": dtype, "device": device,
          "size": list(photo.size), "tolerance": tolerance}
     traces = [trace(pipe, photo, s, torch.Generator(device).manual_seed(seed))
               for trace, pipe in ((trace_minidepth, ours), (trace_diffusers, ref))]
-    stages = []
-    for name, a in traces[0].stages.items():
-        b = traces[1].stages.get(name)
-        if b is None or a.shape != b.shape:
-            shape = tuple(a.shape) if b is None else (tuple(a.shape), tuple(b.shape))
-            stages.append(Stage(name, shape, math.inf, math.inf, tolerance, False, traces[0].networks.get(name)))
-            continue
-        max_abs, max_rel = differences(a, b)
-        stages.append(Stage(name, tuple(a.shape), max_abs, max_rel, tolerance, max_rel <= tolerance,
-                            traces[0].networks.get(name)))
+    stages = _compare_traces(*traces, tolerance)
     report = ParityReport(stages, s, versions, images=(traces[0].stages["image"], traces[1].stages["image"]))
     first = report.first_failure
     if drill and first is not None and first.network is not None:

@@ -89,7 +89,7 @@ def run(args, console=None) -> int:
     try:
         versions = parity.require_references()
     except parity.ReferenceMissing as e:
-        raise cli.CLIError(str(e).split(" (")[0] + f"; install them with: {parity.INSTALL}", code=2) from None
+        raise cli.CLIError(str(e), code=2) from None
     import diffusers
     import transformers
     diffusers.utils.logging.disable_progress_bar()  # no "Loading pipeline components" bars around the table
