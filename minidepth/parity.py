@@ -54,6 +54,14 @@ def require_references() -> dict[str, str]:
     return {"diffusers": diffusers.__version__, "transformers": transformers.__version__}
 
 
+def quiet_loading() -> None:
+    """No "Loading pipeline components" / "Loading weights" progress bars from the references (the CLI's table)."""
+    import diffusers
+    import transformers
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def default_tolerance(device: str, dtype: str) -> float:
     """Allowed max relative difference per stage: exact on the CPU; on an accelerator, 1e-4 in fp32, 1e-2 in half."""
     if torch.device(device).type == "cpu":

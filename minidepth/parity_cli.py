@@ -90,10 +90,7 @@ def run(args, console=None) -> int:
         versions = parity.require_references()
     except parity.ReferenceMissing as e:
         raise cli.CLIError(str(e), code=2) from None
-    import diffusers
-    import transformers
-    diffusers.utils.logging.disable_progress_bar()  # no "Loading pipeline components" bars around the table
-    transformers.utils.logging.disable_progress_bar()
+    parity.quiet_loading()
     for name, pinned in parity.REFERENCE_VERSIONS.items():
         if versions[name] != pinned:
             print(f"minidepth parity: warning: {name} {versions[name]} is installed; minidepth's parity is checked "

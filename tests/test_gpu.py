@@ -78,3 +78,14 @@ def test_fp16_on_cuda_runs_without_nan(tiny_checkpoint):
     pipe.set_progress_bar_config(disable=True)
     out = pipe(image=photo(64, 64, 32), generator=torch.Generator("cuda").manual_seed(0), **BASE).images
     assert np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_parity_report_on_cuda(tiny_checkpoint, dtype):
+    """`minidepth parity --device cuda`: every stage (tokens ... each UNet step ... image) within the default GPU
+    tolerances (max relative difference 1e-4 in fp32, 1e-2 in fp16; see minidepth.parity.default_tolerance)."""
+    from minidepth.parity import compare
+    report = compare(tiny_checkpoint, image=photo(64, 64, 33), prompt="a red house by the sea", steps=3,
+                     device="cuda", dtype=dtype)
+    assert report.ok, report.table() + "\n" + report.summary()
+    assert report.stages[0].max_abs_diff == 0  # token ids are exact on any device
