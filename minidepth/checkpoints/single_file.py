@@ -115,7 +115,8 @@ def check_is_sd2_depth(file: TensorFile, configs: dict) -> None:
     in_ch = configs["unet"].in_channels
     conv_in = UNET_PREFIX + "input_blocks.0.0.weight"
     ok = (conv_in in file and len(file.shape(conv_in)) == 4 and file.shape(conv_in)[1] == in_ch
-          and any(n.startswith(OPENCLIP_PREFIX) for n in file) and any(n.startswith(DEPTH_PREFIX) for n in file))
+          and any(n.startswith(OPENCLIP_PREFIX) for n in file) and any(n.startswith(DEPTH_PREFIX) for n in file)
+          and not any(n.startswith("conditioner.embedders.") for n in file))
     if not ok:
         raise CheckpointError(f"{file.path} is not a Stable Diffusion 2 depth checkpoint: it looks like "
                               f"{describe(file)}. SD2-depth has a {in_ch}-channel UNet conv_in (4 latent + 1 depth), "
