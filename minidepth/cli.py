@@ -34,6 +34,7 @@ from .cli_args import (A1111_NAMES, DEFAULT_MODEL, DTYPES, GENERATE_DEFAULTS, OP
                        target_size)
 from .cli_files import (Console, check_outputs, compose_grid, open_image, planned_outputs,
                         read_depth_map, save_atomic)
+from .inside import cli as inside_cli
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -200,6 +201,8 @@ def cmd_generate(args, console: Console) -> int:
         console.warn(f"--from {args.from_png}: the photo {s['image'][0]} has changed since; the result will differ")
     jobs = _plan(args, s, photos)
     for job in jobs:
+        inside_cli.plan_outputs(args, job["outputs"])  # -filmstrip.png, -attn-WORD.png
+    for job in jobs:
         if job["warning"]:
             console.warn(job["warning"])
     depth_array = read_depth_map(s["depth_map"]) if s["depth_map"] else None
@@ -214,6 +217,7 @@ def cmd_generate(args, console: Console) -> int:
     root = resolve_model(s["model"], variant=s["variant"], revision=s["revision"])
     max_steps, layers = checkpoint_limits(root)
     check_generate(s, args.num_images, max_steps)
+    inside_cli.check_prompt_words(args, root, s["prompt"])
     if s["clip_skip"] is not None and s["clip_skip"] >= layers:
         raise CLIError(f"--clip-skip {s['clip_skip']}: must be in [0, {layers - 1}] (the text encoder has {layers} "
                        "layers)", code=2)
@@ -270,10 +274,11 @@ def cmd_generate(args, console: Console) -> int:
         generators = [torch.Generator(device).manual_seed(x) for x in seeds]
         estimated.clear()
         try:
-            result = pipe(prompt=s["prompt"], image=image, depth_map=depth_map, strength=s["strength"],
-                          num_inference_steps=s["steps"], guidance_scale=s["guidance"],
-                          negative_prompt=s["negative_prompt"], num_images_per_prompt=n, eta=s["eta"],
-                          clip_skip=s["clip_skip"], generator=generators[0] if n == 1 else generators)
+            with inside_cli.recording(pipe, args) as seen:  # --filmstrip / --attention-maps: observe only
+                result = pipe(prompt=s["prompt"], image=image, depth_map=depth_map, strength=s["strength"],
+                              num_inference_steps=s["steps"], guidance_scale=s["guidance"],
+                              negative_prompt=s["negative_prompt"], num_images_per_prompt=n, eta=s["eta"],
+                              clip_skip=s["clip_skip"], generator=generators[0] if n == 1 else generators)
         except (ValueError, TypeError) as e:  # the pipeline's own checks, in the options' names
             message = re.sub(r"`(\w+)`", lambda m: OPTION_OF.get(m.group(1), m.group(0)), str(e))
             raise CLIError(message, code=2 if "`" in str(e) else 1) from e
@@ -287,6 +292,8 @@ def cmd_generate(args, console: Console) -> int:
                   "revision": s["revision"], "dtype": s["dtype"], "device": device}
         for img, path, x in zip(result.images, job["outputs"]["images"], seeds):
             save_atomic(img, path, args.overwrite, pnginfo=png_info({**record, "seed": x}))
+            print(path, flush=True)
+        for path in inside_cli.after_generate(seen, job["outputs"], result.images, args.overwrite, save_atomic):
             print(path, flush=True)
         if args.save_depth or args.grid:
             size = result.images[0].size  # (W, H) of the outputs
@@ -422,6 +429,7 @@ def download(repo_id: str, folder: Path | None, variant: str | None, revision: s
 
 COMMANDS = {"generate": cmd_generate, "depth": cmd_depth, "info": cmd_info, "schedulers": cmd_schedulers,
             "download": cmd_download, "parity": parity_cli.run,  # parity: minidepth/parity_cli.py
+            "tour": inside_cli.run_tour,  # tour: minidepth/inside/cli.py
             "convert": cli_convert.run}  # convert: minidepth/cli_convert.py
 
 

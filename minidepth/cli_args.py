@@ -156,11 +156,12 @@ def _run_options(p, dtype_default) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .inside.cli import add_generate_options, add_tour_parser
     parser = _Parser(prog="minidepth", description="Stable Diffusion 2 depth-to-image in plain PyTorch.",
                      epilog="Run `minidepth <command> --help` for the options of each command.")
     parser.add_argument("--version", action="version", version=f"minidepth {__version__}")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{generate,depth,info,schedulers,download}")
+                                metavar="{generate,depth,info,schedulers,download,tour}")
     fmt, unset = _Help, argparse.SUPPRESS  # unset: left out of the namespace, so --from can fill it in
 
     g = sub.add_parser("generate", formatter_class=fmt, help="make new images that keep a photo's 3-D layout",
@@ -219,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "(near = bright yellow, far = dark purple)")
     g.add_argument("--grid", action="store_true", help="also save photo | depth | output(s) side by side with labels, "
                                                         "OUT-grid.png")
+    add_generate_options(g)  # --filmstrip, --attention-maps (minidepth/inside/cli.py)
 
     d = sub.add_parser("depth", formatter_class=fmt, help="estimate a depth map only (no diffusion)",
                        description="Estimate the relative depth of a photo with the checkpoint's DPT model (only "
@@ -247,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--dir", metavar="FOLDER", help="download into this plain folder (e.g. weights/stable-diffusion-2-"
                                                    "depth) instead of the Hugging Face cache")
     w.add_argument("--revision", help="branch, tag or commit")
+    add_tour_parser(sub, fmt)
     return parser
 
 
