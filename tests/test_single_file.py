@@ -10,17 +10,17 @@ import re
 import shutil
 from pathlib import Path
 
+import factory
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_pipeline import assert_close, photo
 
-import factory
 from minidepth import StableDiffusionDepth2ImgPipeline
 from minidepth.checkpoints import CheckpointError, TensorFile, export_state_dict
 from minidepth.checkpoints.ldm_format import MIDAS_KEYS
 from minidepth.checkpoints.single_file import PACKAGED_CONFIGS, convert, ddpm_buffers, write_tensors
-from test_pipeline import assert_close, photo
 
 KEYS = Path(__file__).parent / "data" / "keys"
 TOL = 1e-5
@@ -112,7 +112,6 @@ def _tiny_extras(tensors):
     """The known extras at the tiny configs' shapes: OpenCLIP's extra block and head, the MiDaS classifier, DDPM
     buffers, EMA counters and an EMA shadow."""
     d = tensors["cond_stage_model.model.token_embedding.weight"].shape[1]
-    f = tensors["cond_stage_model.model.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
     n = max(int(m.group(1)) for k in tensors for m in [re.search(r"resblocks\.(\d+)\.", k)] if m) + 1
     block = f"cond_stage_model.model.transformer.resblocks.{n}."
     for name, t in list(tensors.items()):
@@ -123,7 +122,8 @@ def _tiny_extras(tensors):
                     "cond_stage_model.model.logit_scale": torch.tensor(4.6),
                     "depth_model.model.pretrained.model.head.weight": torch.randn(1000, width),
                     "depth_model.model.pretrained.model.head.bias": torch.randn(1000),
-                    "model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(7, dtype=torch.int32),
+                    "model_ema.decay": torch.tensor(0.9999),
+                    "model_ema.num_updates": torch.tensor(7, dtype=torch.int32),
                     "model_ema.diffusion_modelout2bias": tensors["model.diffusion_model.out.2.bias"].clone(),
                     **ddpm_buffers(factory.official_config("scheduler_config.json"))})
 
@@ -239,6 +239,7 @@ def test_packaged_configs_and_vocabulary():
         hub(text, padding="max_length", max_length=77).input_ids
     # pyproject's package-data globs cover every packaged file (so wheels and `pip install -e .` have them)
     import fnmatch
+
     import tomllib
     globs = tomllib.loads((factory.REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     data = [p.relative_to(factory.REPO / "minidepth").as_posix()
@@ -285,8 +286,8 @@ def hub_faithful_single_file(folder: Path, path: Path) -> dict:
     """The 1,610-tensor `512-depth-ema.safetensors` of the diffusers checkpoint `folder`, built with the reference
     `keys/map_*.tsv` (not minidepth's key maps); tensors the folder lacks get random values of the listed shape.
     Returns {name: (shape, dtype)} as written."""
-    listed = {row[0]: row[1:] for row in (line.split("\t") for line in
-                                          (KEYS / "ldm_512-depth-ema_ALL_1610_keys_sorted.tsv").read_text().splitlines())}
+    lines = (KEYS / "ldm_512-depth-ema_ALL_1610_keys_sorted.tsv").read_text().splitlines()
+    listed = {row[0]: row[1:] for row in (line.split("\t") for line in lines)}
     maps = {"map_unet_ldm_to_diffusers.tsv": folder / "unet" / "diffusion_pytorch_model.safetensors",
             "map_vae_ldm_to_diffusers.tsv": folder / "vae" / "diffusion_pytorch_model.safetensors",
             "map_openclip_ldm_to_transformers_clip.tsv": folder / "text_encoder" / "model.safetensors",

@@ -67,7 +67,7 @@ def network_classes() -> dict[str, type]:
 
 
 def network_configs(config_folder: str | os.PathLike | None = None) -> dict:
-    """Our config dataclass per network, from `<folder>/<network>/config.json` (default: the packaged SD2-depth ones)."""
+    """Our config dataclass per network, from `<folder>/<network>/config.json` (default: the packaged ones)."""
     from .pretrained import folder_format
     folder = Path(config_folder) if config_folder is not None else PACKAGED_CONFIGS
     return {name: folder_format(cls).config_from_dict(read_json(folder / name / "config.json"))
@@ -84,7 +84,7 @@ def ldm_keymaps(configs: dict) -> dict:
 def describe(file: TensorFile) -> str:
     """One phrase saying what kind of checkpoint `file` looks like (used in errors)."""
     names = list(file)
-    has = lambda prefix: any(n.startswith(prefix) for n in names)  # noqa: E731
+    has = lambda prefix: any(n.startswith(prefix) for n in names)
     if has("conditioner.embedders."):
         return "a Stable Diffusion XL checkpoint (conditioner.embedders.*)"
     if not has(UNET_PREFIX):
@@ -149,7 +149,8 @@ def known_extras(file: TensorFile, configs: dict, num_train_timesteps: int) -> d
 
 def _ema_shadows(file: TensorFile) -> dict[str, str]:
     """LitEma's shadow names (`model_ema.` + the DiffusionWrapper parameter name without dots) -> the UNet tensor."""
-    return {"model_ema." + name[len("model."):].replace(".", ""): name for name in file if name.startswith(UNET_PREFIX)}
+    return {"model_ema." + name[len("model."):].replace(".", ""): name
+            for name in file if name.startswith(UNET_PREFIX)}
 
 
 def check_whole_file(file: TensorFile, configs: dict, num_train_timesteps: int = 1000) -> None:
@@ -157,7 +158,7 @@ def check_whole_file(file: TensorFile, configs: dict, num_train_timesteps: int =
     missing. One CheckpointError names every problem."""
     keymaps, used = ldm_keymaps(configs), set()
     for name, cls in network_classes().items():
-        model = build_on_meta(lambda: cls(configs[name]))
+        model = build_on_meta(lambda cls=cls, name=name: cls(configs[name]))
         for param in model.state_dict():
             used.update(keymaps[name].rule_for(param)[1])
     extras, shadows = known_extras(file, configs, num_train_timesteps), _ema_shadows(file)
