@@ -200,8 +200,9 @@ def cmd_generate(args, console: Console) -> int:
     if restored.get("_sha256") and "image" not in given and _sha256(s["image"][0]) != restored["_sha256"]:
         console.warn(f"--from {args.from_png}: the photo {s['image'][0]} has changed since; the result will differ")
     jobs = _plan(args, s, photos)
-    for job in jobs:
-        inside_cli.plan_outputs(args, job["outputs"])  # -filmstrip.png, -attn-WORD.png
+    if any(getattr(args, k, None) not in (None, False) for k in ("filmstrip", "filmstrip_every", "attention_maps")):
+        for job in jobs:  # only when asked: inside_cli imports torch for them, and checks must come before torch
+            inside_cli.plan_outputs(args, job["outputs"])  # -filmstrip.png, -attn-WORD.png
     for job in jobs:
         if job["warning"]:
             console.warn(job["warning"])

@@ -107,6 +107,12 @@ def test_checks_run_before_torch_is_imported(work):
         assert not torch_loaded, f"{argv}: torch was imported before the error"
         for word in words:
             assert word in line, f"{word!r} not in {line!r}"
+    record.update(image=str(folder / "in.png"), image_sha256="0" * 64, model=str(model))  # the photo has changed
+    photo(8, 8).save(folder / "stale.png", pnginfo=png_info(record))
+    photo(8, 8).save(folder / "exists.png")
+    stale = minidepth("generate", "--from", "stale.png", "--out", "exists.png", cwd=folder)
+    assert_one_line_error(stale, 1, "exists.png already exists")
+    assert f"warning: --from stale.png: the photo {folder / 'in.png'} has changed since" in stale.stderr
     steps = minidepth(*base, "--image", "in.png", "--steps", 1000000, cwd=folder)  # the real command
     assert_one_line_error(steps, 2, "--steps 1000000")
     assert "loading" not in steps.stderr
