@@ -17,11 +17,11 @@ def observe_method(obj, name: str, before: Callable[[dict], None] | None = None,
     """Call `before(arguments)` and `after(arguments, result)` around every `obj.<name>(...)` call, where
     `arguments` maps each parameter name to its value (defaults filled in)."""
     had_own = name in vars(obj)
-    original = getattr(obj, name)
-    signature = inspect.signature(original)
+    original = getattr(obj, name)  # may itself be a wrapper (e.g. the CLI's timers), so the arguments are named
+    signature = inspect.signature(getattr(type(obj), name))  # by the class's method: (self, ...)
 
     def wrapper(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
+        bound = signature.bind(obj, *args, **kwargs)
         bound.apply_defaults()
         if before is not None:
             before(bound.arguments)
