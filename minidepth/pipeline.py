@@ -26,6 +26,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import image_processing
+from .adapters.lora import lora_scale as scaled_lora
+from .adapters.pipeline import AdaptersMixin
 from .noise import randn_tensor
 from .pipeline_io import (check_call_arguments, load_components, save_components)
 
@@ -39,8 +41,9 @@ class PipelineOutput:
     images: Any
 
 
-class StableDiffusionDepth2ImgPipeline:
-    """The seven components of the checkpoint, plus the steps that use them. Components are plain attributes."""
+class StableDiffusionDepth2ImgPipeline(AdaptersMixin):
+    """The seven components of the checkpoint, plus the steps that use them. Components are plain attributes.
+    LoRA and textual-inversion methods (`load_lora_weights`, `load_textual_inversion`, ...) come from AdaptersMixin."""
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, depth_estimator, feature_extractor):
         self.vae, self.text_encoder, self.tokenizer, self.unet = vae, text_encoder, tokenizer, unet
@@ -165,13 +168,15 @@ class StableDiffusionDepth2ImgPipeline:
     @torch.no_grad()
     def encode_prompt(self, prompt, num_images_per_prompt: int = 1, do_classifier_free_guidance: bool = True,
                       negative_prompt=None, prompt_embeds: torch.Tensor | None = None,
-                      negative_prompt_embeds: torch.Tensor | None = None, clip_skip: int | None = None):
+                      negative_prompt_embeds: torch.Tensor | None = None, clip_skip: int | None = None,
+                      lora_scale: float | None = None):
         """Text -> (prompt_embeds, negative_prompt_embeds), each (B * num_images_per_prompt, 77, D), duplicated per
         prompt ([p0, p0, p1, p1]). negative is None without guidance. `clip_skip=k` uses the output of the k-th layer
-        from the end, passed through the final layer norm (the negative prompt ignores it, as in the reference)."""
+        from the end, passed through the final layer norm (the negative prompt ignores it, as in the reference).
+        `lora_scale` scales the text encoder's LoRA adapters while encoding (the call's cross_attention_kwargs["scale"])."""
         device = self.device
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
-        with self._running(self.text_encoder):
+        with self._running(self.text_encoder), scaled_lora(self.text_encoder, lora_scale):
             if prompt_embeds is None:
                 prompt_embeds = self._embed(prompt if isinstance(prompt, list) else [prompt], clip_skip)
             dtype = self.text_encoder.dtype if self.text_encoder is not None else prompt_embeds.dtype
@@ -192,6 +197,7 @@ class StableDiffusionDepth2ImgPipeline:
 
     def _embed(self, texts: list[str], clip_skip: int | None, max_length: int | None = None) -> torch.Tensor:
         max_length = max_length or self.tokenizer.model_max_length
+        texts = self.maybe_convert_prompt(texts)  # multi-vector textual-inversion tokens: <tok> -> <tok> <tok>_1 ...
         ids = self.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
                              return_tensors="pt").input_ids
         untruncated = self.tokenizer(texts, padding="longest", return_tensors="pt").input_ids
@@ -341,7 +347,8 @@ class StableDiffusionDepth2ImgPipeline:
 
         # 1. text -> embeddings; with guidance the unconditional half comes first
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
+            prompt, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip,
+            lora_scale=(cross_attention_kwargs or {}).get("scale"))  # the LoRA strength, for the text encoder too
         if do_cfg:
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])  # (2B, 77, D)
 

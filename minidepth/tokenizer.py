@@ -96,6 +96,13 @@ class CLIPTokenizer:
         self.bos_token_id, self.eos_token_id = vocab[self.bos_token], vocab[self.eos_token]
         self.unk_token_id, self.pad_token_id = vocab[self.unk_token], vocab[self.pad_token]
 
+        self._specials = specials
+        self._added: dict[str, int] = {}  # textual-inversion tokens (`add_tokens`): text -> id
+        self.backend = self._build_backend()  # `tokenizers.Tokenizer`; `backend.encode(text).ids` = ids with BOS/EOS
+
+    def _build_backend(self) -> Tokenizer:
+        """The `tokenizers.Tokenizer` for steps 1-5 of the module docstring (without added tokens)."""
+        vocab, merges, specials = self._vocab, self._merges, self._specials
         tok = Tokenizer(BPE(vocab, merges, unk_token=self.unk_token, end_of_word_suffix=END_OF_WORD,
                             continuing_subword_prefix="", fuse_unk=False, dropout=None))
         tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
@@ -112,10 +119,10 @@ class CLIPTokenizer:
                                                           (self.bos_token, self.bos_token_id),
                                                           trim_offsets=False, add_prefix_space=False)
         # Special tokens are matched in the raw (or normalised) text before splitting; this is where "!" becomes id 0.
-        added = [specials["pad"]] if pad_token_is_special else []
+        added = [specials["pad"]] if self.pad_token_is_special else []
         added += [specials["bos"], specials["eos"], specials["unk"]]
         tok.add_special_tokens(added)
-        self.backend = tok  # the `tokenizers.Tokenizer`; `backend.encode(text).ids` = unpadded ids with BOS/EOS
+        return tok
 
     # ---------------------------------------------------------------------------------------------------- loading
     @classmethod
@@ -136,7 +143,14 @@ class CLIPTokenizer:
         max_len = config.get("model_max_length", 77)
         if not isinstance(max_len, int) or max_len > 10_000:  # transformers writes 1e30 for "no limit"
             raise ValueError(f"{folder}: model_max_length {max_len!r} is not a usable CLIP context length")
-        return cls(vocab, merges, **tokens, model_max_length=max_len, pad_token_is_special=pad_token_is_special)
+        tokenizer = cls(vocab, merges, **tokens, model_max_length=max_len, pad_token_is_special=pad_token_is_special)
+        added = {int(i): spec["content"] for i, spec in (config.get("added_tokens_decoder") or {}).items()
+                 if not spec.get("special", False) and spec["content"] not in vocab}
+        if added:  # words added by textual inversion (saved by save_pretrained here or by transformers)
+            ids = tokenizer.add_tokens([added[i] for i in sorted(added)])
+            if ids != sorted(added):
+                raise ValueError(f"{folder}: added tokens have ids {sorted(added)}, expected {ids}")
+        return tokenizer
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write the hub's `tokenizer/` files (vocab.json, merges.txt, special_tokens_map.json, tokenizer_config.json),
@@ -151,6 +165,10 @@ class CLIPTokenizer:
         (folder / "special_tokens_map.json").write_text(json.dumps(tokens, indent=2) + "\n")
         config = {**tokens, "tokenizer_class": "CLIPTokenizer", "model_max_length": self.model_max_length,
                   "do_lower_case": True, "add_prefix_space": False, "errors": "replace"}
+        if self._added:  # textual-inversion words, as transformers writes them
+            config["added_tokens_decoder"] = {str(i): {"content": t, "lstrip": False, "normalized": True,
+                                                       "rstrip": False, "single_word": False, "special": False}
+                                              for t, i in self.added_tokens_encoder.items()}
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     @property
@@ -159,6 +177,33 @@ class CLIPTokenizer:
 
     def __len__(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
+
+    # ---------------------------------------------------------------------------------------------------- added tokens
+    # Textual inversion (minidepth.adapters) adds words: each is matched in the lower-cased text before BPE (like
+    # transformers' `add_tokens`: an AddedToken with normalized=True, special=False) and gets the next free id.
+    def add_tokens(self, tokens: list[str]) -> list[int]:
+        """Add new words; returns their ids (49408, 49409, ... for SD2). A word already known is an error."""
+        known = [t for t in tokens if t in self.get_vocab()]
+        if known or len(set(tokens)) != len(tokens):
+            raise ValueError(f"add_tokens: {known or tokens} already in the vocabulary (or repeated)")
+        self.backend.add_tokens([AddedToken(t, special=False, normalized=True) for t in tokens])
+        ids = [self.backend.token_to_id(t) for t in tokens]
+        self._added.update(zip(tokens, ids))
+        return ids
+
+    def remove_added_tokens(self) -> None:
+        """Forget every word added by `add_tokens` (the tokenizer is then exactly as loaded)."""
+        self._added = {}
+        self.backend = self._build_backend()
+
+    @property
+    def added_tokens_encoder(self) -> dict[str, int]:
+        """The words added by `add_tokens`: text -> id, in id order."""
+        return dict(sorted(self._added.items(), key=lambda item: item[1]))
+
+    def get_vocab(self) -> dict[str, int]:
+        """Every known token -> id: the BPE vocabulary and the added words."""
+        return {**self._vocab, **self._added}
 
     # ---------------------------------------------------------------------------------------------------- encoding
     def __call__(self, text: str | list[str] | tuple[str, ...], *, padding: bool | str = False,

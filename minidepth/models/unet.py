@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoints.pretrained import Pretrained
+from ..adapters.lora import applies_lora_scale
 from .attention import name_attention_layers
 from .blocks import Downsample, ResnetBlock, SpatialTransformer, Upsample
 
@@ -235,15 +235,14 @@ class UNet(nn.Module, Pretrained):
     def device(self) -> torch.device:
         return self.conv_in.weight.device
 
+    @applies_lora_scale
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int, encoder_hidden_states: torch.Tensor,
                 cross_attention_kwargs: dict | None = None) -> torch.Tensor:
         """`timestep`: a number, a 0-d tensor, or a (1,) / (B,) tensor. `cross_attention_kwargs` goes to the attention
-        processors (see minidepth.models.attention); its "scale" key (a LoRA scale in diffusers) is removed here."""
+        processors (see minidepth.models.attention); its "scale" key, the LoRA strength, is taken out by
+        `applies_lora_scale` (minidepth.adapters.lora), which scales the adapters' updates during this forward."""
         self._check_inputs(sample, encoder_hidden_states)
         cross_attention_kwargs = dict(cross_attention_kwargs or {})
-        if cross_attention_kwargs.pop("scale", 1.0) != 1.0:
-            warnings.warn("cross_attention_kwargs['scale'] (a LoRA scale in diffusers) has no effect: minidepth's "
-                          "UNet has no LoRA layers", UserWarning)
         t = _timesteps(timestep, sample.shape[0], sample.device)
         t_emb = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
                                    self.config.freq_shift).to(sample.dtype)  # float32 -> model dtype, like diffusers
