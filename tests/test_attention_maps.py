@@ -11,11 +11,10 @@ block) is left out by the 1/32 rule while the 3x2 grid is kept.
 from __future__ import annotations
 
 import numpy as np
+import parity
 import pytest
 import torch
 import torch.nn.functional as F
-
-import parity
 from test_pipeline import photo
 
 PROMPT = "a marble statue of a cat, photorealistic"
@@ -45,7 +44,7 @@ class RecordingProcessor:
         k, v = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
         probs = attn.get_attention_scores(attn.head_to_batch_dim(q), attn.head_to_batch_dim(k), None)
         self.store.append(probs.reshape(batch, attn.heads, *probs.shape[1:]))  # (B, heads, L, S)
-        split = lambda t: t.view(batch, -1, attn.heads, t.shape[-1] // attn.heads).transpose(1, 2)  # noqa: E731
+        split = lambda t: t.view(batch, -1, attn.heads, t.shape[-1] // attn.heads).transpose(1, 2)
         out = F.scaled_dot_product_attention(split(q), split(k), split(v))
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * out.shape[-1])
         return attn.to_out[1](attn.to_out[0](out))
@@ -104,7 +103,7 @@ def test_recording_leaves_the_image_bit_identical(ours, backend):
     set_attention_backend(ours.unet, backend)
     try:
         image = photo(W, H)
-        run = lambda: ours(image=image, generator=torch.Generator().manual_seed(1), **KW).images  # noqa: E731
+        run = lambda: ours(image=image, generator=torch.Generator().manual_seed(1), **KW).images
         plain = run()
         with ours.record_attention(["cat"]) as rec:
             recorded = run()
@@ -119,9 +118,8 @@ def test_word_not_in_prompt_fails_before_any_work(ours):
     calls = []
     hook = ours.text_encoder.register_forward_hook(lambda *a: calls.append(1))
     try:
-        with pytest.raises(ValueError, match="'dog' not in the prompt"):
-            with ours.record_attention(["cat", "dog"]):
-                ours(image=photo(W, H), **KW)
+        with pytest.raises(ValueError, match="'dog' not in the prompt"), ours.record_attention(["cat", "dog"]):
+            ours(image=photo(W, H), **KW)
         assert calls == []
     finally:
         hook.remove()

@@ -7,10 +7,10 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from test_pipeline import photo
 
 from minidepth import cli
-from minidepth.inside.filmstrip import (LATENT_RGB, fit_latent_preview, latent_preview, record_filmstrip)
-from test_pipeline import photo
+from minidepth.inside.filmstrip import LATENT_RGB, fit_latent_preview, latent_preview, record_filmstrip
 
 KW = dict(prompt="a wooden cabin in the snow", num_inference_steps=5, output_type="np")
 
@@ -30,7 +30,7 @@ def test_x0_equals_the_schedulers_prediction_and_the_image_is_unchanged(pipe, sc
     saved = pipe.scheduler
     pipe.scheduler = getattr(schedulers, scheduler).from_config({**dict(saved.config), **overrides})
     try:
-        run = lambda: pipe(image=photo(96, 64), generator=torch.Generator().manual_seed(0), **KW).images  # noqa
+        run = lambda: pipe(image=photo(96, 64), generator=torch.Generator().manual_seed(0), **KW).images
         plain = run()
         own = []  # the scheduler's pred_original_sample at each step
         step = pipe.scheduler.step
@@ -55,7 +55,8 @@ def test_frame_choice_and_strip(pipe):
     with record_filmstrip(pipe, steps=[0, -1]) as film:
         out = pipe(image=photo(96, 64), generator=torch.Generator().manual_seed(0), **{**KW, "output_type": "pil"})
     assert [f.call for f in film.frames] == [0, 4] and film.frames[0].calls == 5  # PNDM: 5 steps -> 5 UNet calls
-    assert record_filmstrip(pipe).chosen_calls(41) == [0, 6, 12, 18, 24, 30, 36, 40]  # default: about 8 frames, and the last
+    # default: about 8 frames, and the last
+    assert record_filmstrip(pipe).chosen_calls(41) == [0, 6, 12, 18, 24, 30, 36, 40]
     assert record_filmstrip(pipe, every=10).chosen_calls(41) == [0, 10, 20, 30, 40]
     with pytest.raises(ValueError, match="out of range"):
         record_filmstrip(pipe, steps=[5]).chosen_calls(5)

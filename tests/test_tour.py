@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 
+import factory
 import pytest
 import torch
 
-import factory
 from minidepth import cli
 from minidepth.inside.tour import architecture_tour, flop_counter, unet_calls
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 
 @contextlib.contextmanager

@@ -97,7 +97,7 @@ class AttentionRecorder:
         self._guided, self._image_size, self._grids, self._tokens = True, None, [], 77
 
     # -- attaching
-    def __enter__(self) -> "AttentionRecorder":
+    def __enter__(self) -> AttentionRecorder:
         stack = contextlib.ExitStack()
         layers = [a for a in name_attention_layers(self.pipe.unet) if a.is_cross_attention]
         previous = {layer: layer.processor for layer in layers}

@@ -65,7 +65,7 @@ def alpha_bar(scheduler, t: float) -> float:
     hi, w = min(lo + 1, len(abar) - 1), t - lo
     if w == 0 or hi == lo:
         return float(abar[lo])
-    log_sigma = lambda a: 0.5 * math.log((1 - a) / a)  # noqa: E731  sigma^2 = (1 - abar) / abar
+    log_sigma = lambda a: 0.5 * math.log((1 - a) / a)
     sigma = math.exp((1 - w) * log_sigma(float(abar[lo])) + w * log_sigma(float(abar[hi])))
     return 1 / (1 + sigma ** 2)
 
@@ -119,7 +119,7 @@ class FilmstripRecorder:
         self._chosen: set[int] = set()
         self._call, self._calls, self._guidance = 0, 0, 1.0
 
-    def __enter__(self) -> "FilmstripRecorder":
+    def __enter__(self) -> FilmstripRecorder:
         stack = contextlib.ExitStack()
         pipe = self.pipe
         stack.enter_context(observe_method(pipe, "preprocess", after=self._on_preprocess))

@@ -192,7 +192,8 @@ def _merge(rows: list[Row]) -> list[Row]:
             if (pm and pm.group(1) == m.group(1) and int(pm.group(3) or pm.group(2)) + 1 == int(m.group(2))
                     and prev.kind == row.kind and prev.shape == row.shape
                     and prev.params // prev.count == row.params and prev.flops // prev.count == row.flops):
-                out[-1] = Row(f"{pm.group(1)}.{pm.group(2)}-{m.group(2)}", row.kind, row.shape, prev.params + row.params,
+                out[-1] = Row(f"{pm.group(1)}.{pm.group(2)}-{m.group(2)}", row.kind, row.shape,
+                              prev.params + row.params,
                               prev.flops + row.flops, prev.order, prev.count + 1)
                 continue
         out.append(row)
@@ -307,7 +308,7 @@ def _table(header: list[str], rows: list[list[str]], markdown: bool, right: set[
                  "|" + "|".join("---:" if i in right else "---" for i in range(len(header))) + "|"]
         return lines + ["| " + " | ".join(r) + " |" for r in rows]
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    fmt = lambda r: "  ".join(c.rjust(w) if i in right else c.ljust(w)  # noqa: E731
+    fmt = lambda r: "  ".join(c.rjust(w) if i in right else c.ljust(w)
                               for i, (c, w) in enumerate(zip(r, widths))).rstrip()
     return [fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]
 
