@@ -10,3 +10,11 @@ Nothing here changes what the pipeline computes: the recorders observe (an atten
 layer's own product, forward hooks, wrappers that call the original step), so images are bit-identical with and
 without recording.
 """
+
+import re
+
+
+def safe_name(word: str) -> str:
+    """A word as a file-name part (`OUT-attn-<word>.png`): letters, digits, '-' and '_' (others become '_').
+    Here, not in attention_maps.py, so that the CLI plans its outputs without importing torch."""
+    return re.sub(r"[^\w-]+", "_", word.strip()).strip("_") or "word"

@@ -35,7 +35,6 @@ computed separately, for the record only.
 from __future__ import annotations
 
 import contextlib
-import re
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.attention import Attention, name_attention_layers
+from . import safe_name
 from ._patch import observe_method
 
 MIN_SIDE_FRACTION = 1 / 32
@@ -212,11 +212,6 @@ def normalize_map(m: torch.Tensor) -> torch.Tensor:
     """(m - min) / (max - min); a constant map gives zeros."""
     lo, hi = m.min(), m.max()
     return (m - lo) / (hi - lo) if hi > lo else torch.zeros_like(m)
-
-
-def safe_name(word: str) -> str:
-    """A word as a file-name part: letters, digits, '-' and '_' (others become '_')."""
-    return re.sub(r"[^\w-]+", "_", word.strip()).strip("_") or "word"
 
 
 def heat_overlay(image: PIL.Image.Image, heat: torch.Tensor, alpha: float = 0.55) -> PIL.Image.Image:

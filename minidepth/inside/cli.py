@@ -97,7 +97,7 @@ def plan_outputs(args, outputs: dict) -> None:
         raise CLIError(f"--filmstrip-every {args.filmstrip_every}: must be an integer >= 1", code=2)
     if getattr(args, "filmstrip_every", None) is not None and not args.filmstrip:
         raise CLIError("--filmstrip-every needs --filmstrip", code=2)
-    from .attention_maps import safe_name
+    from . import safe_name
     words = words_of(args)
     stems = [p.with_suffix("") for p in outputs["images"]]
     outputs["filmstrip"] = [s.with_name(f"{s.name}-filmstrip.png") for s in stems] if args.filmstrip else []
