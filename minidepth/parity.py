@@ -22,6 +22,7 @@ diffusers and transformers are needed only here (`pip install "minidepth[parity]
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -161,39 +162,31 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ recording
-class _Calls:
-    """Forward hook on `module` recording each call's (args, kwargs, output) for the duration of a `with` block."""
-
-    def __init__(self, module: torch.nn.Module):
-        self.module, self.calls = module, []
-
-    def __enter__(self):
-        self.handle = self.module.register_forward_hook(
-            lambda m, args, kwargs, out: self.calls.append((args, kwargs, out)), with_kwargs=True)
-        return self.calls
-
-    def __exit__(self, *exc):
-        self.handle.remove()
+@contextlib.contextmanager
+def _calls(module: torch.nn.Module):
+    """Record each call of `module` inside the block as (args, kwargs, output), through a forward hook."""
+    calls = []
+    handle = module.register_forward_hook(lambda m, args, kwargs, out: calls.append((args, kwargs, out)),
+                                          with_kwargs=True)
+    try:
+        yield calls
+    finally:
+        handle.remove()
 
 
-class _NoiseCalls:
-    """Wrap `scheduler.add_noise` (an instance attribute shadows the method) to record (x0, noise, noised)."""
+@contextlib.contextmanager
+def _noise_calls(scheduler):
+    """Record (x0, noise, noised) of `scheduler.add_noise` inside the block (an instance attribute shadows it)."""
+    calls, method = [], scheduler.add_noise
 
-    def __init__(self, scheduler):
-        self.scheduler, self.calls = scheduler, []
-
-    def __enter__(self):
-        method = self.scheduler.add_noise
-
-        def add_noise(original, noise, timesteps):
-            out = method(original, noise, timesteps)
-            self.calls.append((original, noise, out))
-            return out
-        self.scheduler.add_noise = add_noise
-        return self.calls
-
-    def __exit__(self, *exc):
-        del self.scheduler.add_noise
+    def add_noise(original, noise, timesteps):
+        calls.append((original, noise, method(original, noise, timesteps)))
+        return calls[-1][2]
+    scheduler.add_noise = add_noise
+    try:
+        yield calls
+    finally:
+        del scheduler.add_noise
 
 
 def _ids(call) -> torch.Tensor:
@@ -236,25 +229,25 @@ def _record_steps(trace: _Trace, timesteps, unet_calls: list, step_latents: list
 def trace_minidepth(pipe, photo, s: dict, generator) -> _Trace:
     """minidepth through its step methods, as its `__call__` runs them."""
     trace, do_cfg = _Trace(), s["guidance_scale"] > 1
-    with _Calls(pipe.text_encoder) as calls:
+    with _calls(pipe.text_encoder) as calls:
         embeds, negative = pipe.encode_prompt(s["prompt"], 1, do_cfg, s["negative_prompt"])
     if do_cfg:
         embeds = torch.cat([negative, embeds])
     _record_text(trace, calls, embeds)
-    with _Calls(pipe.depth_estimator) as calls:
+    with _calls(pipe.depth_estimator) as calls:
         depth_mask = pipe.prepare_depth_map(photo, None, 1, do_cfg, embeds.dtype)
     _record_depth(trace, calls, depth_mask, s)
     image = pipe.preprocess(photo)
     trace.add("image tensor", image)
     timesteps, num_steps = pipe.get_timesteps(s["steps"], s["strength"])
-    with _NoiseCalls(pipe.scheduler) as noised:
+    with _noise_calls(pipe.scheduler) as noised:
         latents = pipe.prepare_latents(image, timesteps[:1].repeat(1), 1, 1, embeds.dtype, generator)
-    _record_latents(trace, noised, image.to(pipe.device, embeds.dtype), pipe.vae.config.scaling_factor)
+    _record_latents(trace, noised, image.to(pipe.device, embeds.dtype))
     step_latents = []
 
     def keep(pipe_, i, t, tensors):
         step_latents.append(tensors["latents"])
-    with _Calls(pipe.unet) as calls:
+    with _calls(pipe.unet) as calls:
         latents = pipe.denoise(latents, timesteps, embeds, depth_mask, guidance_scale=s["guidance_scale"],
                                negative_prompt_embeds=negative, num_inference_steps=num_steps,
                                extra_step_kwargs=pipe._step_kwargs(generator, s["eta"]), callback_on_step_end=keep)
@@ -267,25 +260,25 @@ def trace_minidepth(pipe, photo, s: dict, generator) -> _Trace:
 def trace_diffusers(pipe, photo, s: dict, generator) -> _Trace:
     """diffusers' StableDiffusionDepth2ImgPipeline: its methods, UNet and scheduler in the order of its `__call__`."""
     trace, do_cfg, device = _Trace(), s["guidance_scale"] > 1, torch.device(s["device"])
-    with _Calls(pipe.text_encoder) as calls:
+    with _calls(pipe.text_encoder) as calls:
         embeds, negative = pipe.encode_prompt(s["prompt"], device, 1, do_cfg, s["negative_prompt"])
     if do_cfg:
         embeds = torch.cat([negative, embeds])
     _record_text(trace, calls, embeds)
-    with _Calls(pipe.depth_estimator) as calls, warnings.catch_warnings():
+    with _calls(pipe.depth_estimator) as calls, warnings.catch_warnings():
         warnings.filterwarnings("ignore", "In CPU autocast")  # its autocast(cpu, float32) is a no-op, with a warning
         depth_mask = pipe.prepare_depth_map(photo, None, 1, do_cfg, embeds.dtype, device)
     _record_depth(trace, calls, depth_mask, s)
     image = pipe.image_processor.preprocess(photo)
     trace.add("image tensor", image)
     pipe.scheduler.set_timesteps(s["steps"], device=device)
-    timesteps, num_steps = pipe.get_timesteps(s["steps"], s["strength"], device)
-    with _NoiseCalls(pipe.scheduler) as noised:
+    timesteps, _ = pipe.get_timesteps(s["steps"], s["strength"], device)
+    with _noise_calls(pipe.scheduler) as noised:
         latents = pipe.prepare_latents(image, timesteps[:1].repeat(1), 1, 1, embeds.dtype, device, generator)
-    _record_latents(trace, noised, image.to(device, embeds.dtype), pipe.vae.config.scaling_factor)
+    _record_latents(trace, noised, image.to(device, embeds.dtype))
     extra_step_kwargs = pipe.prepare_extra_step_kwargs(generator, s["eta"])
     step_latents = []
-    with _Calls(pipe.unet) as calls:
+    with _calls(pipe.unet) as calls:
         for t in timesteps:  # the loop of diffusers' __call__ (no callbacks)
             x = torch.cat([latents] * 2) if do_cfg else latents
             x = pipe.scheduler.scale_model_input(x, t)
@@ -316,7 +309,7 @@ def _record_depth(trace: _Trace, calls: list, depth_mask: torch.Tensor, s: dict)
     trace.add("depth channel", depth_mask)
 
 
-def _record_latents(trace: _Trace, noised: list, image: torch.Tensor, scaling_factor: float) -> None:
+def _record_latents(trace: _Trace, noised: list, image: torch.Tensor) -> None:
     (x0, noise, out), = noised
     trace.add("posterior sample (scaled)", x0, "vae", lambda net: net.encode(image))
     trace.add("img2img noise", noise)
@@ -398,15 +391,19 @@ def compare(model, reference_model=None, *, image, prompt: str, negative_prompt:
     tolerance = default_tolerance(device, dtype) if tolerance is None else tolerance
     photo = to_rgb(PIL.Image.open(image) if isinstance(image, (str, os.PathLike)) else image)
     ours, ref = load_pipelines(model, reference_model, dtype, device)
+    saved = ours.scheduler, ref.scheduler  # given pipelines keep their own schedulers
     _set_scheduler(ours, ref, scheduler)
-    name = lambda x: str(x) if isinstance(x, (str, os.PathLike)) else type(x).__name__  # noqa: E731
+    name = lambda x: str(x) if isinstance(x, (str, os.PathLike)) else type(x).__name__
     s = {"model": name(model), "reference_model": name(model if reference_model is None else reference_model),
          "prompt": prompt, "negative_prompt": negative_prompt, "steps": steps,
          "strength": strength, "guidance_scale": guidance_scale, "eta": eta,
          "scheduler": scheduler or type(ref.scheduler).__name__, "seed": seed, "dtype": dtype, "device": device,
          "size": list(photo.size), "tolerance": tolerance}
-    traces = [trace(pipe, photo, s, torch.Generator(device).manual_seed(seed))
-              for trace, pipe in ((trace_minidepth, ours), (trace_diffusers, ref))]
+    try:
+        traces = [trace(pipe, photo, s, torch.Generator(device).manual_seed(seed))
+                  for trace, pipe in ((trace_minidepth, ours), (trace_diffusers, ref))]
+    finally:
+        ours.scheduler, ref.scheduler = saved
     stages = _compare_traces(*traces, tolerance)
     report = ParityReport(stages, s, versions, images=(traces[0].stages["image"], traces[1].stages["image"]))
     first = report.first_failure

@@ -15,8 +15,9 @@ library itself.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -57,7 +58,7 @@ def differences(ours: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     same_nonfinite = (~torch.isfinite(a) | ~torch.isfinite(b)) & ((a == b) | (a.isnan() & b.isnan()))
     diff = torch.where(same_nonfinite, torch.zeros_like(a), (a - b).abs())
     max_abs = float(diff.max()) if diff.numel() else 0.0
-    if max_abs != max_abs:  # NaN on one side only
+    if math.isnan(max_abs):  # NaN on one side only
         max_abs = float("inf")
     finite = b[torch.isfinite(b)]
     scale = float(finite.abs().max()) if finite.numel() else 0.0

@@ -103,7 +103,7 @@ def test_without_diffusers_one_line_and_exit_2(tiny_checkpoint, photo_file):
         sys.exit(main(sys.argv[1:]))
     """)
     done = subprocess.run([sys.executable, "-c", blocker, "parity", "--model", str(tiny_checkpoint), "--image",
-                           photo_file, "--prompt", "x"], capture_output=True, text=True, timeout=120)
+                           photo_file, "--prompt", "x"], check=False, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert done.stdout == ""
     lines = done.stderr.strip().splitlines()
@@ -131,3 +131,24 @@ def test_official_size_every_stage_exact():
     assert report.ok, report.table()
     assert all(s.max_abs_diff == 0.0 for s in report.stages)
     assert torch.isfinite(report.images[0]).all()
+
+
+def test_drill_down_names_modules_in_transformers_networks(tiny_checkpoint, photo_file):
+    """The key maps also match the DPT's and the text encoder's modules to transformers' names."""
+    from minidepth.parity import load_pipelines
+    ours, ref = load_pipelines(tiny_checkpoint, None, "fp32", "cpu")
+    cases = [("depth_estimator", "backbone.blocks.2.attn.to_v", "dpt.encoder.layer.2.attention.attention.value",
+              "depth estimate (DPT)"),
+             ("text_encoder", "layers.1.mlp.fc1", "encoder.layers.1.mlp.fc1", "text embeddings")]
+    for network, ours_name, ref_name, stage in cases:
+        weight = getattr(ours, network).get_submodule(ours_name).weight
+        saved = weight.detach().clone()
+        with torch.no_grad():
+            weight.view(-1)[:3] += 0.05
+        try:
+            report = compare(ours, ref, image=photo_file, prompt="a house", steps=2)
+        finally:
+            with torch.no_grad():
+                weight.copy_(saved)
+        assert report.first_failure.name == stage
+        assert (report.drill.network, report.drill.module, report.drill.our_module) == (network, ref_name, ours_name)
