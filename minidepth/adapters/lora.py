@@ -18,7 +18,7 @@ with the same parameter names. Adding the first adapter to a layer gives it
 
 `remove_adapters(model)` takes all of that away again: the model is then exactly the one before (same modules, no
 hooks, no extra attributes). Fusing (`fuse`) adds scale · B A into W itself (for a k×k convolution, B A is the
-(out, r) × (r, in·k·k) product reshaped to the kernel), after which the hook adds nothing; `unfuse` subtracts it again.
+(out, r) × (r, in·k·k) product reshaped to the kernel), after which the hook adds nothing; `unfuse` puts the original W back.
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ class Adapters(nn.ModuleDict):
         self.enabled = True                  # disable_lora() / enable_lora()
         self.call_scale = 1.0                # cross_attention_kwargs["scale"] during one forward (`lora_scale`)
         self.fused: dict[str, float] = {}    # adapters added into W by `fuse`, with the scale they were added with
+        self.original: torch.Tensor | None = None  # W before fusing (on the CPU), put back by `unfuse`
         self.handles: list = []              # the layer's hooks, removed by `remove_adapters`
 
 
@@ -120,22 +121,25 @@ def add_adapter(layer: nn.Module, name: str, down: torch.Tensor, up: torch.Tenso
 
 
 def fuse(layer: nn.Module, names: list[str], call_scale: float = 1.0) -> None:
-    """W <- W + scale · B A for each named adapter of this layer (scale includes `call_scale`, fuse_lora's lora_scale)."""
+    """W <- W + scale · B A for each named adapter of this layer (scale includes `call_scale`, fuse_lora's lora_scale).
+    A copy of W is kept on the CPU so that `unfuse` gives back W exactly (peft subtracts, which rounds)."""
     adapters: Adapters = layer.lora
     for name in names:
         if name in adapters and name not in adapters.fused:
+            if adapters.original is None:
+                adapters.original = layer.weight.detach().to("cpu", copy=True)
             scale = adapters[name].scaling(call_scale)
             layer.weight.data += adapters[name].delta_weight(scale).to(layer.weight.dtype)
             adapters.fused[name] = scale
 
 
 def unfuse(layer: nn.Module) -> None:
-    """W <- W - scale · B A for every fused adapter, the last fused first (peft's order). Equal to the original W up
-    to rounding."""
+    """Undo `fuse`: W is the original again, exactly (the copy taken before fusing)."""
     adapters: Adapters = layer.lora
-    for name, scale in reversed(list(adapters.fused.items())):
-        layer.weight.data -= adapters[name].delta_weight(scale).to(layer.weight.dtype)
+    if adapters.original is not None:
+        layer.weight.data.copy_(adapters.original)
     adapters.fused.clear()
+    adapters.original = None
 
 
 def remove_adapter(layer: nn.Module, name: str | None = None) -> None:
@@ -145,7 +149,8 @@ def remove_adapter(layer: nn.Module, name: str | None = None) -> None:
     for n in list(adapters) if name is None else [name]:
         if n in adapters:
             del adapters[n]
-            adapters.fused.pop(n, None)
+            if adapters.fused.pop(n, None) is not None and not adapters.fused:
+                adapters.original = None  # unloading keeps the fused weights (diffusers does the same)
             if n in adapters.active:
                 adapters.active.remove(n)
     if len(adapters) == 0:

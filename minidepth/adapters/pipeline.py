@@ -67,10 +67,14 @@ class AdaptersMixin:
         return out
 
     def get_active_adapters(self) -> list[str]:
+        """The active adapters of the text encoder if it has adapters, else of the UNet (what diffusers reports:
+        each component keeps its own list, set by the last load that touched it or by set_adapters)."""
+        active = []
         for model in self._lora_models().values():
             for _, layer in lora.lora_layers(model):
-                return list(layer.lora.active)
-        return []
+                active = list(layer.lora.active)
+                break
+        return active
 
     def set_adapters(self, adapter_names: str | list[str], adapter_weights=None) -> None:
         """Make `adapter_names` the active adapters, in this order, with these weights: one number for all, one per
@@ -124,7 +128,7 @@ class AdaptersMixin:
             lora.fuse(layer, adapter_names or layer.lora.active, lora_scale)
 
     def unfuse_lora(self, components: list[str] = COMPONENTS, **kwargs) -> None:
-        """Subtract what `fuse_lora` added (the original weights up to rounding); the adapters run unfused again."""
+        """Put back the weights from before `fuse_lora` (exactly); the adapters run unfused again."""
         for c in components:
             for _, layer in lora.lora_layers(self._lora_models().get(c)):
                 lora.unfuse(layer)
