@@ -4,20 +4,20 @@ The LoRA files are written by tests/lora_files.py (independent code, random weig
 own `save_lora_weights`; both pipelines load the same file and must give the same image.
 """
 
+import factory
+import lora_files
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-
-import factory
-import lora_files
 from test_pipeline import assert_close, photo
+
 from minidepth import StableDiffusionDepth2ImgPipeline
 from minidepth.adapters import lora
 from minidepth.adapters.formats import LoRAFormatError
 
 TOL = 1e-5
-CALL = dict(prompt="a red house by the sea", negative_prompt="blurry", num_inference_steps=3, output_type="np")
+CALL = {"prompt": "a red house by the sea", "negative_prompt": "blurry", "num_inference_steps": 3, "output_type": "np"}
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +119,8 @@ def test_two_adapters_mixed(clean, image, kohya_file, tmp_path):
     load_both(clean, kohya_file, adapter_name="a")
     load_both(clean, second, adapter_name="b")
     # as in diffusers, a load makes its adapter the only active one in the components it touches
-    assert [layer.lora.active for _, layer in lora.lora_layers(ours.unet)][0] == ["b"]
-    assert [layer.lora.active for _, layer in lora.lora_layers(ours.text_encoder)][0] == ["a"]
+    assert next(lora.lora_layers(ours.unet))[1].lora.active == ["b"]
+    assert next(lora.lora_layers(ours.text_encoder))[1].lora.active == ["a"]
     assert ours.get_active_adapters() == ref.get_active_adapters() == ["a"]
     for p in clean:
         p.set_adapters(["a", "b"], adapter_weights=[0.6, 0.9])

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-
 from test_lora import Evil
 from test_pipeline import assert_close, photo
+
 from minidepth import StableDiffusionDepth2ImgPipeline
 from minidepth.adapters.textual_inversion import EmbeddingError
 

@@ -167,8 +167,8 @@ def _metadata_alpha(metadata: dict | None, component: str, file_layer: str) -> f
     config = {k[len(component) + 1:]: v for k, v in metadata.items() if k.startswith(component + ".")}
     if not config:
         return None
-    for flag, what in (("use_dora", "DoRA (weight-decomposed LoRA)"), ("use_rslora", "rank-stabilised LoRA "
-                                                                                       "(use_rslora)")):
+    flags = {"use_dora": "DoRA (weight-decomposed LoRA)", "use_rslora": "rank-stabilised LoRA (use_rslora)"}
+    for flag, what in flags.items():
         if config.get(flag):
             raise LoRAFormatError(f"{what} is not supported (the file's metadata says {component}.{flag}=true)")
     for pattern, alpha in (config.get("alpha_pattern") or {}).items():

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from . import lora, textual_inversion as ti
+from . import lora
+from . import textual_inversion as ti
 from .formats import COMPONENTS, METADATA_KEY, LayerNames, read_lora
 
 logger = logging.getLogger(__name__)

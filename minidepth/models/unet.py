@@ -49,8 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoints.pretrained import Pretrained
 from ..adapters.lora import applies_lora_scale
+from ..checkpoints.pretrained import Pretrained
 from .attention import name_attention_layers
 from .blocks import Downsample, ResnetBlock, SpatialTransformer, Upsample
 
