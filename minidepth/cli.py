@@ -350,7 +350,8 @@ COMMANDS = {"generate": cmd_generate, "depth": cmd_depth, "info": cmd_info, "sch
             "download": cmd_download, "parity": parity_cli.run,  # parity: minidepth/parity_cli.py
             "tour": inside_cli.run_tour,  # tour: minidepth/inside/cli.py
             "convert": cli_convert.run,  # convert: minidepth/cli_convert.py
-            "batch": lambda args, console: _batch().run(args, console)}  # batch: minidepth/batch.py
+            "batch": lambda args, console: _batch().run(args, console),  # batch: minidepth/batch.py
+            "serve": lambda args, console: __import__("minidepth.web").web.run(args, console)}  # minidepth/web.py
 
 
 def _batch():

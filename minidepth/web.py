@@ -1,0 +1,320 @@
+"""`minidepth serve`: a local web page (gradio) for depth-to-image, with the depth map, the denoising filmstrip and the
+attention maps per word next to the result.
+
+    pip install -e ".[web]"
+    minidepth serve --model weights/stable-diffusion-2-depth        # then open http://127.0.0.1:7860
+
+How it behaves:
+  - the model loads once, when the server starts; gradio's queue runs one generation at a time (concurrency 1, plus a
+    lock), so two browser tabs wait for each other instead of sharing the model;
+  - a generation is what `minidepth generate` does with the same arguments: the same checks, the same pixels, and the
+    same PNG settings (`png_metadata.generation_record` + `png_info`); the images are served as those PNG files;
+  - bad input (no photo, an unreadable file, a value out of range, an image under 8x8, a word not in the prompt) is a
+    message in the page (gr.Error), never a crash; silent changes (resize to a multiple of 8, ...) are gr.Warnings;
+  - binds 127.0.0.1 (this machine only) unless --host says otherwise; a public gradio.live link only with --share.
+gradio is imported only here, and only when the server starts: `minidepth --help` needs neither gradio nor torch.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from .cli_args import A1111_NAMES, DEFAULT_MODEL, DTYPES, GENERATE_DEFAULTS, MAX_SEED, SCHEDULERS, CLIError
+
+SAMPLE_PHOTO = Path(__file__).resolve().parent / "data" / "sample-photo.png"  # scripts/make_sample_photo.py draws it
+OWN_SCHEDULER = "checkpoint's own"
+
+
+# ------------------------------------------------------------------------------------------------ the command
+def add_parser(sub, formatter_class) -> None:
+    p = sub.add_parser("serve", formatter_class=formatter_class, help="a local web page (gradio) to generate images",
+                       description="Start a web page for depth-to-image on this machine: photo, prompt and settings "
+                                   "in; images (PNGs with their settings), the depth map, the denoising filmstrip "
+                                   "and attention maps per word out. Needs gradio: pip install -e \".[web]\".")
+    p.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH_OR_REPO_ID",
+                   help=f"checkpoint folder or Hugging Face repo id (default: {DEFAULT_MODEL})")
+    p.add_argument("--variant", choices=["fp16"], help="load the half-precision weight files")
+    p.add_argument("--revision", help="Hub branch, tag or commit (repo ids only)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; 0.0.0.0 lets other machines in (default: 127.0.0.1, this one only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    p.add_argument("--share", action="store_true", help="also ask gradio for a temporary public link (off unless given)")
+    p.add_argument("--device", choices=["cpu", "cuda", "mps"], help="where to run (default: cuda, else mps, else cpu)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="computation precision")
+    p.add_argument("--quiet", "-q", action="store_true", help="fewer lines on stderr")
+
+
+def run(args, console) -> int:
+    if not 0 < args.port < 65536:
+        raise CLIError(f"--port {args.port}: must be in [1, 65535]", code=2)
+    try:
+        import gradio  # noqa: F401
+    except ImportError as e:
+        raise CLIError(f"serve needs gradio, which is not installed ({e}); pip install -e \".[web]\"") from e
+    from .cli import load_pipeline, pick_device, warn_half_on_cpu
+    from .cli_model import checkpoint_limits, resolve_model
+    root = resolve_model(args.model, variant=args.variant, revision=args.revision)
+    device = pick_device(args.device)
+    warn_half_on_cpu(console, args.dtype, device)
+    pipe = load_pipeline(root, args.variant, args.dtype, device, console)
+    pipe.set_progress_bar_config(disable=True)  # the page has its own progress bar
+    studio = Studio(pipe, args.model, args.variant, args.revision, args.dtype, device, checkpoint_limits(root)[0],
+                    console)
+    demo = build_app(studio)
+    console.info(f"outputs are kept in {studio.folder}")
+    demo.queue(default_concurrency_limit=1).launch(
+        server_name=args.host, server_port=args.port, share=args.share, show_error=True, ssr_mode=False,
+        allowed_paths=[str(SAMPLE_PHOTO.parent)], quiet=args.quiet, footer_links=["api"], mcp_server=False)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ one generation
+class Studio:
+    """The loaded pipeline and what the page asks of it: `generate(...)` mirrors `minidepth generate`."""
+
+    def __init__(self, pipe, model: str, variant, revision, dtype: str, device: str, max_steps: int, console):
+        self.pipe, self.model, self.variant, self.revision = pipe, model, variant, revision
+        self.dtype, self.device, self.max_steps, self.console = dtype, device, max_steps, console
+        self.own_scheduler = (type(pipe.scheduler), dict(pipe.scheduler.config))
+        self.folder = Path(tempfile.mkdtemp(prefix="minidepth-serve-"))
+        self.lock, self.jobs = threading.Lock(), 0
+
+    def scheduler(self, key: str | None):
+        """A fresh scheduler for each generation (schedulers keep state): the chosen one, or the checkpoint's own."""
+        from . import schedulers
+        cls, config = self.own_scheduler
+        if key is None:
+            return cls.from_config(config)
+        name, overrides = SCHEDULERS[key]
+        return getattr(schedulers, name).from_config({**config, **overrides})
+
+    def generate(self, photo: str | None, prompt: str, negative_prompt: str, strength: float, steps: int,
+                 guidance: float, seed, scheduler: str, num_images: int, depth_file: str | None, words: str,
+                 filmstrip: bool, warn=None, progress=None) -> dict:
+        """Check everything first (CLIError), then generate. Returns {"images": [PNG paths], "seed": first seed,
+        "depth": PNG path, "filmstrip": PNG path or None, "attention": [(PNG path, caption)]}."""
+        from .cli_files import open_image, read_depth_map
+        warn = warn or self.console.warn
+        progress = progress or (lambda *a, **k: None)
+        if not photo:
+            raise CLIError("no photo: upload one (or click the sample photo under the upload box)")
+        seed = None if seed in (None, "", "random") else int(seed)
+        key = None if scheduler in (None, "", OWN_SCHEDULER) else scheduler
+        s = {**GENERATE_DEFAULTS, "image": [photo], "prompt": prompt or "", "negative_prompt": negative_prompt or None,
+             "strength": float(strength), "steps": int(steps), "guidance": float(guidance), "seed": seed,
+             "scheduler": key, "depth_map": depth_file or None, "model": self.model, "variant": self.variant,
+             "revision": self.revision, "dtype": self.dtype}
+        num_images = int(num_images)
+        from .cli_args import check_generate
+        check_generate(s, num_images, self.max_steps)
+        words = [w.strip() for w in (words or "").split(",") if w.strip()]
+        if words:
+            from .inside.attention_maps import check_words
+            try:
+                check_words(self.pipe.tokenizer, s["prompt"], words)
+            except ValueError as e:
+                raise CLIError(f"attention maps: {e}", code=2) from e
+        if not s["prompt"].strip():
+            warn("the prompt is empty: nothing steers the image but the photo and its depth")
+
+        image = open_image(photo, _Warnings(warn), option="photo")
+        w, h = image.size
+        size = (w - w % 8, h - h % 8)
+        if min(size) < 8:
+            raise CLIError(f"the photo is {w}x{h} pixels; it must be at least 8x8")
+        if size != (w, h):
+            warn(f"the photo is {w}x{h} pixels; sides must be multiples of 8, so it is resized to {size[0]}x{size[1]}")
+        depth_array = read_depth_map(depth_file) if depth_file else None
+        if depth_array is not None:
+            dh, dw = depth_array.shape
+            if abs((dw / dh) / (size[0] / size[1]) - 1) > 0.01:
+                warn(f"the depth map is {dw}x{dh} but the image is {size[0]}x{size[1]}: the depth map is stretched")
+        with self.lock:  # the queue already runs one job at a time; the lock makes it a rule of this class
+            return self._run(image, photo, s, num_images, words, filmstrip, depth_array, progress)
+
+    def _run(self, photo_image, photo_path, s, num_images, words, filmstrip, depth_array, progress) -> dict:
+        import contextlib
+
+        import torch
+
+        from .cli import depth_image
+        from .image_processing import to_rgb
+        from .inside._patch import observe_method
+        from .inside.filmstrip import record_filmstrip
+        from .png_metadata import generation_record, png_info
+        pipe, device = self.pipe, self.device
+        self.jobs += 1
+        job = self.jobs
+        folder = self.folder / f"{job:04d}"
+        folder.mkdir()
+        seed = s["seed"]
+        if seed is None or seed == -1:
+            seed = random.randrange(2 ** 32)
+        seeds = [seed + i for i in range(num_images)]
+        start = time.perf_counter()
+        self.console.info(f"job {job}: started (seed {seed}, {num_images} image(s), {s['steps']} steps)")
+
+        pipe.scheduler = self.scheduler(s["scheduler"])
+        key = s["scheduler"] or next((k for k, (cls, over) in SCHEDULERS.items()
+                                      if cls == type(pipe.scheduler).__name__ and not over), None)
+        sampler = A1111_NAMES.get(key, type(pipe.scheduler).__name__)
+        image = to_rgb(photo_image)
+        if image.size != (image.width - image.width % 8, image.height - image.height % 8):
+            image = image.resize((image.width - image.width % 8, image.height - image.height % 8), resample=1)
+        generators = [torch.Generator(device).manual_seed(x) for x in seeds]
+        depth_map = torch.from_numpy(depth_array)[None] if depth_array is not None else None
+        estimated, calls = [], {"total": 1}
+        progress(0, desc="estimating depth")
+
+        def on_step(pipe, i, t, tensors):  # the pipeline's callback after each UNet call: one tick of the bar
+            progress((i + 1, calls["total"]), desc="denoising", unit="steps")
+            return {}
+        with contextlib.ExitStack() as stack:
+            hook = pipe.depth_estimator.register_forward_hook(lambda m, a, out: estimated.append(out))
+            stack.callback(hook.remove)
+            stack.enter_context(observe_method(pipe, "denoise", before=lambda a: calls.update(
+                total=len(a["timesteps"]))))
+            attention = stack.enter_context(pipe.record_attention(words)) if words else None
+            film = stack.enter_context(record_filmstrip(pipe)) if filmstrip else None
+            try:
+                result = pipe(prompt=s["prompt"], image=image, depth_map=depth_map, strength=s["strength"],
+                              num_inference_steps=s["steps"], guidance_scale=s["guidance"],
+                              negative_prompt=s["negative_prompt"], num_images_per_prompt=num_images, eta=s["eta"],
+                              clip_skip=s["clip_skip"], generator=generators[0] if num_images == 1 else generators,
+                              callback_on_step_end=on_step)
+            except (ValueError, TypeError) as e:  # the pipeline's own checks
+                raise CLIError(str(e), code=2) from e
+            progress(1.0, desc="saving")
+            record = generation_record(s, sampler=sampler, size=result.images[0].size, image_path=photo_path,
+                                       model=self.model, device=device)
+            out = {"seed": seed, "images": [], "attention": [], "filmstrip": None}
+            for i, (img, x) in enumerate(zip(result.images, seeds)):
+                path = folder / f"minidepth-{x}.png"
+                img.save(path, pnginfo=png_info({**record, "seed": x}))
+                out["images"].append(path)
+                if attention is not None:
+                    for k, (word, overlay) in enumerate(attention.overlays(img, words, index=i).items()):
+                        overlay.save(folder / f"attn-{i + 1}-{k + 1}.png")
+                        caption = word + (f" (image {i + 1})" if num_images > 1 else "")
+                        out["attention"].append((folder / f"attn-{i + 1}-{k + 1}.png", caption))
+            if film is not None:
+                out["filmstrip"] = folder / "filmstrip.png"
+                film.strip("vae", index=0).save(out["filmstrip"])
+        out["depth"] = folder / "depth.png"
+        depth_image(depth_map if depth_map is not None else estimated[0], result.images[0].size).save(out["depth"])
+        self.console.info(f"job {job}: done in {time.perf_counter() - start:.1f} s: {folder}")
+        return out
+
+
+class _Warnings:
+    """A Console for cli_files.open_image whose warnings go to the page."""
+
+    def __init__(self, warn):
+        self.warn, self.info = warn, lambda message: None
+
+
+def page_message(error: Exception) -> str:
+    """A CLIError's line, worded for the page: "--strength 2.0: ..." -> "strength 2.0: ..."."""
+    return re.sub(r"--([a-z][a-z-]*)", lambda m: m.group(1).replace("-", " "), str(error))
+
+
+# ------------------------------------------------------------------------------------------------ the page
+def build_app(studio: Studio):
+    import gradio as gr
+
+    def generate(photo, prompt, negative_prompt, strength, steps, guidance, seed, scheduler, num_images, depth_file,
+                 words, filmstrip, progress=gr.Progress()):
+        def warn(message):
+            studio.console.warn(message)
+            gr.Warning(page_message(message))
+        try:
+            out = studio.generate(photo, prompt, negative_prompt, strength, steps, guidance, seed, scheduler,
+                                  num_images, depth_file, words, filmstrip, warn=warn, progress=progress)
+        except CLIError as e:
+            studio.console.warn(f"refused: {e}")
+            raise gr.Error(page_message(e), title="Cannot generate") from e
+        images = [str(p) for p in out["images"]]
+        return (images, f"{out['seed']}", images, str(out["depth"]),
+                str(out["filmstrip"]) if out["filmstrip"] else None,
+                [(str(p), caption) for p, caption in out["attention"]])
+
+    with gr.Blocks(title="minidepth") as demo:
+        gr.Markdown("## minidepth — Stable Diffusion 2 depth-to-image\nA photo's estimated depth keeps the layout; "
+                    "the prompt says what to paint. The depth map, the denoising filmstrip and where each word "
+                    "attends are shown next to the result.")
+        with gr.Row():
+            with gr.Column():
+                photo = gr.Image(label="Photo", type="filepath", image_mode=None, sources=["upload", "clipboard"],
+                                 elem_id="photo")
+                _readable_upload(photo, gr)
+                gr.Examples([[str(SAMPLE_PHOTO)]], inputs=[photo], label="Sample photo (click to use it)")
+                prompt = gr.Textbox(label="Prompt", placeholder="a marble statue in a garden", elem_id="prompt")
+                negative = gr.Textbox(label="Negative prompt", placeholder="blurry, low quality", elem_id="negative")
+                with gr.Row():
+                    strength = gr.Slider(0, 1, value=0.8, step=0.01, label="Strength (1 repaints everything)",
+                                         elem_id="strength")
+                    steps = gr.Slider(1, min(studio.max_steps, 150), value=50, step=1, label="Steps",
+                                      elem_id="steps")
+                with gr.Row():
+                    guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance (CFG scale)",
+                                         elem_id="guidance")
+                    num_images = gr.Slider(1, 8, value=1, step=1, label="Number of images", elem_id="num-images")
+                with gr.Row():
+                    seed = gr.Number(value=-1, precision=0, minimum=-1, maximum=MAX_SEED,
+                                     label="Seed (-1: random)", elem_id="seed")
+                    dice = gr.Button("🎲 random", size="sm")
+                    reuse = gr.Button("♻️ last seed", size="sm")
+                    scheduler = gr.Dropdown([OWN_SCHEDULER, *SCHEDULERS], value=OWN_SCHEDULER, label="Scheduler",
+                                            elem_id="scheduler")
+                with gr.Accordion("Depth map and a look inside", open=True):
+                    depth_file = gr.File(label="Own depth map (optional: grey PNG, brighter = nearer, or .npy)",
+                                         file_types=["image", ".npy"], elem_id="depth-file")
+                    words = gr.Textbox(label="Attention maps for words of the prompt (comma-separated)",
+                                       placeholder="statue, garden", elem_id="words")
+                    filmstrip = gr.Checkbox(value=True, label="Denoising filmstrip (one VAE decode per frame)",
+                                            elem_id="filmstrip")
+                run_button = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Column():
+                gallery = gr.Gallery(label="Images", columns=2, format="png", buttons=["download", "fullscreen"],
+                                     elem_id="gallery")
+                seed_used = gr.Textbox(label="Seed used", interactive=False, elem_id="seed-used")
+                files = gr.File(label="PNG files (the settings are in their metadata: `minidepth info FILE`)",
+                                file_count="multiple", elem_id="files")
+                depth_out = gr.Image(label="Estimated depth map (near = bright)", format="png", elem_id="depth")
+                film_out = gr.Image(label="Denoising filmstrip: predicted x0 along the way (image 1)", format="png",
+                                    elem_id="filmstrip-out")
+                attention_out = gr.Gallery(label="Attention maps per word", columns=3, format="png",
+                                           elem_id="attention")
+        dice.click(lambda: -1, outputs=seed, api_name=False, queue=False)
+        reuse.click(lambda used: int(used) if used else -1, inputs=seed_used, outputs=seed, api_name=False,
+                    queue=False)
+        run_button.click(generate, inputs=[photo, prompt, negative, strength, steps, guidance, seed, scheduler,
+                                           num_images, depth_file, words, filmstrip],
+                         outputs=[gallery, seed_used, files, depth_out, film_out, attention_out], api_name="generate")
+    return demo
+
+
+def _readable_upload(component, gr) -> None:
+    """An upload that is not an image fails in gradio's own preprocessing (PIL cannot open it) with a bare message:
+    say which input and why, as the command line does."""
+    original = component.preprocess
+
+    def preprocess(payload):
+        try:
+            return original(payload)
+        except (OSError, ValueError) as e:
+            name = getattr(payload, "orig_name", None) or "the file"
+            raise gr.Error(f"photo: {name} is not a readable image ({type(e).__name__})",
+                           title="Cannot generate") from e
+    component.preprocess = preprocess
+
+
+if __name__ == "__main__":  # python -m minidepth.web ... = minidepth serve ...
+    from .cli import main
+    sys.exit(main(["serve", *sys.argv[1:]]))
