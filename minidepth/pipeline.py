@@ -317,17 +317,25 @@ class StableDiffusionDepth2ImgPipeline(AdaptersMixin):
 
     # ------------------------------------------------------------------------------------------ the whole job
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str] | None = None, image=None, depth_map=None, strength: float = 0.8,
-                 num_inference_steps: int = 50, guidance_scale: float = 7.5,
+    def __call__(self, prompt: str | list[str] | None = None, image=None, depth_map=None,
+                 strength: float | None = None, num_inference_steps: int = 50, guidance_scale: float | None = None,
                  negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1, eta: float = 0.0,
                  generator: torch.Generator | list[torch.Generator] | None = None,
                  prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
                  output_type: str = "pil", return_dict: bool = True, cross_attention_kwargs: dict | None = None,
                  clip_skip: int | None = None, callback_on_step_end: Callable | None = None,
                  callback_on_step_end_tensor_inputs: list[str] = ("latents",), nan_safe_depth: bool = True,
-                 **kwargs):
-        """Generate images that keep `image`'s depth layout. Arguments and defaults are diffusers'; the extra
-        `nan_safe_depth=True` makes a flat depth map give a flat (zero) depth channel instead of the reference's NaN."""
+                 mode: str = "diffusers", **kwargs):
+        """Generate images that keep `image`'s depth layout. Arguments and defaults are diffusers' (strength 0.8,
+        guidance_scale 7.5); the extra `nan_safe_depth=True` makes a flat depth map give a flat (zero) depth channel
+        instead of the reference's NaN. `mode="ldm"` follows Stability's original script instead (strength 0.9,
+        guidance_scale 9.0, padding, LDM's DDIM; `crop_padding=True` crops the padding back): minidepth/ldm_mode.py."""
+        if mode != "diffusers":
+            call = {k: v for k, v in locals().items() if k not in ("self", "kwargs", "__class__")}
+            from .ldm_mode import generate_ldm
+            return generate_ldm(self, **call, **kwargs)
+        strength = 0.8 if strength is None else strength
+        guidance_scale = 7.5 if guidance_scale is None else guidance_scale
         callback, callback_steps = kwargs.pop("callback", None), kwargs.pop("callback_steps", None)
         if kwargs:
             logger.warning("ignoring unknown arguments: %s", ", ".join(sorted(kwargs)))
