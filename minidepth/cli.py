@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 
 from . import cli_convert, parity_cli
-from .cli_args import (A1111_NAMES, DEFAULT_MODEL, DTYPES, GENERATE_DEFAULTS, OPTION_OF, SCHEDULER_TABLE,  # noqa: F401
-                       SCHEDULERS, CLIError, build_parser, check_attention_slicing, check_generate, schedulers_table,
-                       target_size)
+from .cli_args import (A1111_NAMES, DEFAULT_MODEL, DTYPES, GENERATE_DEFAULTS, LDM_DEFAULTS, OPTION_OF,  # noqa: F401
+                       SCHEDULER_TABLE, SCHEDULERS, CLIError, build_parser, check_attention_slicing, check_generate,
+                       schedulers_table, target_size)
 from .cli_files import (Console, check_outputs, compose_grid, open_image, planned_outputs,
                         read_depth_map, save_atomic)
 from .cli_model import checkpoint_limits, detect_variant, hub_error, resolve_model
@@ -89,7 +89,7 @@ def _plan(args, s: dict, photos: list) -> list[dict]:
                        "named after its photo)", code=2)
     for path, photo in zip(s["image"], photos):
         size = target_size(photo.size, s["width"], s["height"])
-        floored = tuple(v - v % 8 for v in size)
+        floored = size if s["mode"] == "ldm" else tuple(v - v % 8 for v in size)  # ldm pads instead
         if min(floored) < 8:
             raise CLIError(f"--image {path} is {photo.width}x{photo.height} pixels; images must be at least 8x8 "
                            "(or pass --width/--height to resize it)")
@@ -108,6 +108,10 @@ def cmd_generate(args, console: Console) -> int:
     restored = settings_from_png(args.from_png) if args.from_png else {}
     given = {k: v for k, v in vars(args).items() if k in GENERATE_DEFAULTS}
     s = {**GENERATE_DEFAULTS, **{k: v for k, v in restored.items() if k in GENERATE_DEFAULTS}, **given}
+    if s["mode"] == "ldm":  # the original script's defaults where neither the options nor --from set them
+        s.update({k: v for k, v in LDM_DEFAULTS.items() if k not in given and k not in restored})
+    elif args.crop_padding:
+        raise CLIError("--crop-padding only applies with --mode ldm (the diffusers mode does not pad)", code=2)
     if not s["image"]:
         raise CLIError("--image is required (or --from IMAGE.png, a PNG saved by `minidepth generate`)", code=2)
     if s["prompt"] is None:
@@ -171,7 +175,11 @@ def cmd_generate(args, console: Console) -> int:
     key = s["scheduler"] or next((k for k, (cls, overrides) in SCHEDULERS.items()
                                   if cls == type(pipe.scheduler).__name__ and not overrides), None)
     sampler = A1111_NAMES.get(key, type(pipe.scheduler).__name__)
-    if s["eta"] and "eta" not in inspect.signature(pipe.scheduler.step).parameters:
+    if s["mode"] == "ldm":
+        if s["scheduler"]:
+            console.warn(f"--scheduler {s['scheduler']} is ignored with --mode ldm (LDM's own DDIM sampler)")
+        sampler = "DDIM"
+    if s["eta"] and s["mode"] != "ldm" and "eta" not in inspect.signature(pipe.scheduler.step).parameters:
         console.warn(f"--eta {s['eta']} has no effect with {type(pipe.scheduler).__name__} (only ddim uses eta)")
     if slicing is not None:
         pipe.enable_attention_slicing(slicing)
@@ -203,12 +211,15 @@ def cmd_generate(args, console: Console) -> int:
                 result = pipe(prompt=s["prompt"], image=image, depth_map=depth_map, strength=s["strength"],
                               num_inference_steps=s["steps"], guidance_scale=s["guidance"],
                               negative_prompt=s["negative_prompt"], num_images_per_prompt=n, eta=s["eta"],
-                              clip_skip=s["clip_skip"], generator=generators[0] if n == 1 else generators)
+                              clip_skip=s["clip_skip"], generator=generators[0] if n == 1 else generators,
+                              **({"mode": "ldm", "crop_padding": args.crop_padding} if s["mode"] == "ldm" else {}))
         except (ValueError, TypeError) as e:  # the pipeline's own checks, in the options' names
             message = re.sub(r"`(\w+)`", lambda m: OPTION_OF.get(m.group(1), m.group(0)), str(e))
             raise CLIError(message, code=2 if "`" in str(e) else 1) from e
         record = generation_record(s, sampler=sampler, size=result.images[0].size, image_path=job["path"],
                                    model=s["model"], device=device)
+        if s["mode"] == "ldm":
+            record["mode"] = "ldm"  # restored by --from
         for img, path, x in zip(result.images, job["outputs"]["images"], seeds):
             save_atomic(img, path, args.overwrite, pnginfo=png_info({**record, "seed": x}))
             print(path, flush=True)

@@ -51,7 +51,8 @@ DEVICES = ["cpu", "cuda", "mps"]
 GENERATE_DEFAULTS = {"image": None, "prompt": None, "negative_prompt": None, "strength": 0.8, "steps": 50,
                      "guidance": 7.5, "seed": None, "scheduler": None, "eta": 0.0, "clip_skip": None, "width": None,
                      "height": None, "depth_map": None, "model": DEFAULT_MODEL, "variant": None, "revision": None,
-                     "dtype": "fp32"}
+                     "dtype": "fp32", "mode": "diffusers"}
+LDM_DEFAULTS = {"strength": 0.9, "guidance": 9.0}  # --mode ldm: the original script's defaults (minidepth/ldm_mode.py)
 # the pipeline's argument names -> the options that set them (to translate its ValueErrors)
 OPTION_OF = {"strength": "--strength", "num_inference_steps": "--steps", "guidance_scale": "--guidance",
              "num_images_per_prompt": "--num-images", "prompt": "--prompt", "negative_prompt": "--negative-prompt",
@@ -76,7 +77,16 @@ def check_generate(s: dict, num_images: int, num_train_timesteps: int = 1000) ->
         bad("--strength", s["strength"], "a number in [0, 1] (1 repaints everything)")
     if not 1 <= s["steps"] <= num_train_timesteps:
         bad("--steps", s["steps"], f"an integer in [1, {num_train_timesteps}] (the model's training timesteps)")
-    if int(s["steps"] * s["strength"]) < 1:
+    if s.get("mode", "diffusers") not in ("diffusers", "ldm"):
+        bad("--mode", s["mode"], "diffusers or ldm")
+    if s.get("mode") == "ldm":
+        if s["depth_map"]:
+            raise CLIError("--depth-map cannot be used with --mode ldm (the original script always estimates the "
+                           "depth with MiDaS)", code=2)
+        if min(int(s["steps"] * s["strength"]), s["steps"] - 1) < 1:
+            raise CLIError(f"--mode ldm: --steps {s['steps']} with --strength {s['strength']} leaves no denoising "
+                           "step (min(int(steps * strength), steps - 1) is 0); use at least 2 steps", code=2)
+    elif int(s["steps"] * s["strength"]) < 1:
         raise CLIError(f"--steps {s['steps']} with --strength {s['strength']} leaves no denoising step "
                        "(int(steps * strength) is 0); raise either of them", code=2)
     if not math.isfinite(s["guidance"]):
@@ -179,12 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "...); options given as well override them")
     g.add_argument("--strength", type=float, default=unset,
                    help="how much noise is added to the photo, in [0, 1]: 1 repaints everything, small values stay "
-                        "close to the photo; int(steps * strength) denoising steps run (default: 0.8)")
+                        "close to the photo; int(steps * strength) denoising steps run (default: 0.8; 0.9 with --mode ldm)")
     g.add_argument("--steps", type=int, default=unset,
                    help="number of scheduler steps for the full schedule (default: 50)")
     g.add_argument("--guidance", type=float, default=unset,
                    help="classifier-free guidance scale (CFG scale); > 1 follows the prompt more closely, 1 turns "
-                        "guidance off (default: 7.5)")
+                        "guidance off (default: 7.5; 9.0 with --mode ldm)")
     g.add_argument("--seed", type=int, default=unset,
                    help="random seed for reproducible images; -1 or none: a random one, printed (image i of "
                         "--num-images uses seed + i - 1)")
@@ -202,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--depth-map", default=unset, metavar="FILE",
                    help="use this depth map instead of estimating one: grayscale image (8/16-bit, brighter = nearer, "
                         "e.g. the --raw output of `minidepth depth`) or a .npy (H, W) array")
+    g.add_argument("--mode", choices=["diffusers", "ldm"], default=unset,
+                   help="diffusers: diffusers' pipeline (default); ldm: Stability's original script (photo padded to "
+                        "multiples of 64, LDM's DDIM, guidance 9.0, strength 0.9; --scheduler ignored)")
+    g.add_argument("--crop-padding", action="store_true",
+                   help="--mode ldm: crop the outputs back to the photo's size (the script keeps the padding)")
     g.add_argument("--num-images", type=int, default=1, metavar="N",
                    help="images per photo; several are saved as OUT-1.png, OUT-2.png, ...")
     _model_options(g, "load the half-precision weight files (auto-detected for folders that only have them)",
