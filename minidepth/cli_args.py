@@ -86,6 +86,9 @@ def check_generate(s: dict, num_images: int, num_train_timesteps: int = 1000) ->
         if min(int(s["steps"] * s["strength"]), s["steps"] - 1) < 1:
             raise CLIError(f"--mode ldm: --steps {s['steps']} with --strength {s['strength']} leaves no denoising "
                            "step (min(int(steps * strength), steps - 1) is 0); use at least 2 steps", code=2)
+        if (num_train_timesteps - 1) % (num_train_timesteps // s["steps"]) == 0:  # the grid would end at T
+            raise CLIError(f"--mode ldm: --steps {s['steps']} makes LDM's timestep grid end past the last training "
+                           "timestep (the original script fails there); choose another number of steps", code=2)
     elif int(s["steps"] * s["strength"]) < 1:
         raise CLIError(f"--steps {s['steps']} with --strength {s['strength']} leaves no denoising step "
                        "(int(steps * strength) is 0); raise either of them", code=2)

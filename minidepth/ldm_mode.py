@@ -41,6 +41,8 @@ Not reproduced (documented differences):
   - prompts go through the pipeline's tokenizer (SD2's "!" quirk, see tokenizer.py) rather than open_clip's.
   - the depth model runs once per call and is repeated over the batch (the script runs it on the repeated batch).
   - t_enc = 0 (N = 1, or strength < 1 / N) would decode the noised image without a single step: refused here.
+  - N whose grid step T // N divides T - 1 = 999 (of the script's 1-50: N = 3, 9, 27, 36, 37; and most N > 100) make
+    the grid end at 1000, which the original cannot index (IndexError in make_ddim_sampling_parameters): ValueError.
   - training (`LatentDepth2ImageDiffusion.get_input`) adds 0.001 to max - min; the script (and we) do not. A flat depth
     map gives zeros with nan_safe_depth=True (NaN in the script, nan_safe_depth=False).
 """
@@ -161,6 +163,10 @@ class LDMSchedule:
     @classmethod
     def make(cls, alphas_cumprod: torch.Tensor, num_steps: int, eta: float = 0.0) -> LDMSchedule:
         ts = ddim_timesteps(num_steps, alphas_cumprod.shape[0])
+        if ts[-1] >= alphas_cumprod.shape[0]:  # the original: IndexError in make_ddim_sampling_parameters
+            raise ValueError(f"mode='ldm': with {num_steps} steps LDM's grid range(0, {alphas_cumprod.shape[0]}, "
+                             f"{alphas_cumprod.shape[0] // num_steps}) + 1 ends at {ts[-1]}, past the last training "
+                             "timestep (the original script fails with an IndexError); choose another number of steps")
         ac = alphas_cumprod.to(torch.float32)
         alphas = ac[ts]                                              # make_ddim_sampling_parameters
         alphas_prev = torch.cat([ac[:1], ac[ts[:-1]]])
