@@ -20,7 +20,7 @@ import PIL.Image
 import pytest
 
 import factory
-from minidepth import batch
+from minidepth import batch, batch_jobs
 from test_cli import REPO, photo
 
 JOBS = [{"image": "a.png", "prompt": "a cabin in the snow", "seed": 1, "steps": 4},
@@ -73,7 +73,7 @@ def test_outputs_equal_generate_and_a_bad_job_is_recorded(work):
     assert [r["status"] for r in records] == ["ok", "ok", "error", "ok", "ok"]
     assert records[2]["error"] == "image file not found: missing.png"
     seeds = [r["args"]["seed"] for r in records]
-    assert seeds[0] == 1 and seeds[1] == batch.default_seed(folder / "jobs.jsonl", 1)
+    assert seeds[0] == 1 and seeds[1] == batch_jobs.default_seed(folder / "jobs.jsonl", 1)
     assert records[3]["outputs"] == ["first/boat-1.png", "first/boat-2.png"]
 
     # the same jobs through `minidepth generate`: the same pixels and the same PNG settings
@@ -162,7 +162,8 @@ def test_job_checks_name_the_problem(tmp_path):
                          "p.png,d,,red\n")
     defaults = {"prompt": None, "negative_prompt": None, "strength": 0.8, "steps": 50, "guidance_scale": 7.5,
                 "scheduler": None, "num_images": 1, "depth_map": None, "base_seed": 10}
-    checked = [batch.check_job(job, i, defaults, jobs_file) for i, job in enumerate(batch.read_jobs(jobs_file))]
+    raw = batch_jobs.read_jobs(jobs_file)
+    checked = [batch_jobs.check_job(job, i, defaults, jobs_file) for i, job in enumerate(raw)]
     errors = [error for _, error in checked]
     assert errors[0] is None and checked[0][0]["seed"] == 10 and checked[0][0]["strength"] == 0.5
     assert errors[1] == "strength 2.0: must be a number in [0, 1]"
