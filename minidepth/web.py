@@ -101,7 +101,7 @@ class Studio:
         "depth": PNG path, "filmstrip": PNG path or None, "attention": [(PNG path, caption)]}."""
         from .cli_files import open_image, read_depth_map
         warn = warn or self.console.warn
-        progress = progress or (lambda *a, **k: None)
+        progress = (lambda *a, **k: None) if progress is None else progress  # not `or`: gr.Progress has a len()
         if not photo:
             raise CLIError("no photo: upload one (or click the sample photo under the upload box)")
         seed = None if seed in (None, "", "random") else int(seed)
@@ -119,7 +119,7 @@ class Studio:
             try:
                 check_words(self.pipe.tokenizer, s["prompt"], words)
             except ValueError as e:
-                raise CLIError(f"attention maps: {e}", code=2) from e
+                raise CLIError(str(e), code=2) from e  # "attention maps: 'dog' not in the prompt ..."
         if not s["prompt"].strip():
             warn("the prompt is empty: nothing steers the image but the photo and its depth")
 
@@ -173,7 +173,7 @@ class Studio:
         progress(0, desc="estimating depth")
 
         def on_step(pipe, i, t, tensors):  # the pipeline's callback after each UNet call: one tick of the bar
-            progress((i + 1, calls["total"]), desc="denoising", unit="steps")
+            progress((i + 1, calls["total"]), desc="denoising", unit="UNet calls")
             return {}
         with contextlib.ExitStack() as stack:
             hook = pipe.depth_estimator.register_forward_hook(lambda m, a, out: estimated.append(out))
@@ -252,7 +252,6 @@ def build_app(studio: Studio):
             with gr.Column():
                 photo = gr.Image(label="Photo", type="filepath", image_mode=None, sources=["upload", "clipboard"],
                                  elem_id="photo")
-                _readable_upload(photo, gr)
                 gr.Examples([[str(SAMPLE_PHOTO)]], inputs=[photo], label="Sample photo (click to use it)")
                 prompt = gr.Textbox(label="Prompt", placeholder="a marble statue in a garden", elem_id="prompt")
                 negative = gr.Textbox(label="Negative prompt", placeholder="blurry, low quality", elem_id="negative")
@@ -268,8 +267,8 @@ def build_app(studio: Studio):
                 with gr.Row():
                     seed = gr.Number(value=-1, precision=0, minimum=-1, maximum=MAX_SEED,
                                      label="Seed (-1: random)", elem_id="seed")
-                    dice = gr.Button("🎲 random", size="sm")
-                    reuse = gr.Button("♻️ last seed", size="sm")
+                    dice = gr.Button("random seed", size="sm")
+                    reuse = gr.Button("reuse last seed", size="sm")
                     scheduler = gr.Dropdown([OWN_SCHEDULER, *SCHEDULERS], value=OWN_SCHEDULER, label="Scheduler",
                                             elem_id="scheduler")
                 with gr.Accordion("Depth map and a look inside", open=True):
@@ -291,6 +290,8 @@ def build_app(studio: Studio):
                                     elem_id="filmstrip-out")
                 attention_out = gr.Gallery(label="Attention maps per word", columns=3, format="png",
                                            elem_id="attention")
+        _say_which_input({"photo": photo, "strength": strength, "steps": steps, "guidance": guidance, "seed": seed,
+                          "number of images": num_images}, gr)
         dice.click(lambda: -1, outputs=seed, api_name=False, queue=False)
         reuse.click(lambda used: int(used) if used else -1, inputs=seed_used, outputs=seed, api_name=False,
                     queue=False)
@@ -300,19 +301,19 @@ def build_app(studio: Studio):
     return demo
 
 
-def _readable_upload(component, gr) -> None:
-    """An upload that is not an image fails in gradio's own preprocessing (PIL cannot open it) with a bare message:
-    say which input and why, as the command line does."""
-    original = component.preprocess
-
-    def preprocess(payload):
-        try:
-            return original(payload)
-        except (OSError, ValueError) as e:
-            name = getattr(payload, "orig_name", None) or "the file"
-            raise gr.Error(f"photo: {name} is not a readable image ({type(e).__name__})",
-                           title="Cannot generate") from e
-    component.preprocess = preprocess
+def _say_which_input(inputs: dict, gr) -> None:
+    """gradio checks some inputs itself before `generate` runs (a slider's range, a photo that PIL must open) and its
+    messages do not say which input: prefix the input's name, and say plainly when a photo is not an image."""
+    for name, component in inputs.items():
+        def preprocess(payload, original=component.preprocess, name=name):
+            try:
+                return original(payload)
+            except Exception as e:
+                detail = getattr(e, "message", None) or str(e)
+                if isinstance(e, (OSError, ValueError)):  # PIL: UnidentifiedImageError, truncated files, ...
+                    detail = f"{getattr(payload, 'orig_name', None) or 'the file'} is not a readable image"
+                raise gr.Error(f"{name}: {detail}", title="Cannot generate") from e
+        component.preprocess = preprocess
 
 
 if __name__ == "__main__":  # python -m minidepth.web ... = minidepth serve ...

@@ -1,0 +1,269 @@
+"""`minidepth serve`, end to end: a real browser (Debian's headless chromium driven by Playwright) and gradio's client
+API against the server started as a subprocess on the tiny checkpoint, on a free localhost port.
+
+One server serves every test of this module (its start imports torch and gradio and loads the model: seconds), and one
+`minidepth generate` run is the reference: the page's image and the API's image must equal it pixel for pixel.
+Skipped, with the reason, when gradio / gradio_client / playwright / chromium are missing (`pip install -e ".[test]"`
+installs the Python packages; `.ci/run` installs chromium).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+
+import factory
+
+pytest.importorskip("gradio", reason="gradio is not installed (pip install -e \".[web]\" or \".[test]\")")
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = "a wooden cabin in the snow"
+SETTINGS = {"seed": 7, "steps": 10, "strength": 0.6}  # 6 denoising steps; guidance, scheduler: the defaults
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def pixels(data: bytes | Path) -> np.ndarray:
+    with PIL.Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
+        return np.asarray(img.convert("RGB")).copy()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("web")
+    from minidepth.web import SAMPLE_PHOTO
+    with PIL.Image.open(SAMPLE_PHOTO) as sample:  # the bundled sample, small: the tiny model runs in a second
+        sample.resize((128, 96), PIL.Image.LANCZOS).save(folder / "photo.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoint() -> Path:
+    return factory.cached_checkpoint("tiny")
+
+
+@pytest.fixture(scope="module")
+def server(folder, checkpoint):
+    """`minidepth serve` on a free port; yields (url, log file). Its outputs and gradio's cache go under `folder`."""
+    port = free_port()
+    log = folder / "serve.log"
+    tmp = folder / "server-tmp"
+    tmp.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+           "TMPDIR": str(tmp), "GRADIO_TEMP_DIR": str(tmp / "gradio"), "PYTHONUNBUFFERED": "1"}
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "minidepth", "serve", "--model", str(checkpoint),
+                                    "--port", str(port), "--device", "cpu"], env=env, stdout=out,
+                                   stderr=subprocess.STDOUT, cwd=folder)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"minidepth serve exited with {process.returncode}:\n{log.read_text()}")
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"minidepth serve did not answer on {url} within 180 s:\n{log.read_text()}")
+            time.sleep(0.5)
+        yield url, log
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    assert "Traceback" not in re.sub(r"(?s)Traceback.*?gradio\.exceptions\.Error: [^\n]*", "", log.read_text()), \
+        f"the server logged an unexpected traceback:\n{log.read_text()}"
+
+
+@pytest.fixture(scope="module")
+def reference(folder, checkpoint) -> Path:
+    """`minidepth generate` with the settings the tests type into the page."""
+    out = folder / "cli.png"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "minidepth", "generate", "--model", str(checkpoint), "--image",
+                             str(folder / "photo.png"), "--prompt", PROMPT, "--device", "cpu", "--out", str(out),
+                             "--quiet", *[x for k, v in SETTINGS.items() for x in (f"--{k}", str(v))]],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def assert_served_png(data: bytes, reference: Path, seed: int) -> None:
+    """The served file is the PNG itself: same pixels as `minidepth generate`, and the settings inside."""
+    assert np.array_equal(pixels(data), pixels(reference)), "the page's image differs from `minidepth generate`'s"
+    with PIL.Image.open(io.BytesIO(data)) as img:
+        assert img.format == "PNG"
+        assert f"Seed: {seed}" in img.text["parameters"] and PROMPT in img.text["parameters"]
+        assert '"steps": 10' in img.text["minidepth"]
+
+
+# ------------------------------------------------------------------------------------------------ the browser
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    if CHROMIUM is None:
+        pytest.skip("no chromium executable on PATH (Debian: apt-get install chromium; .ci/run installs it)")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    context = browser.new_context(viewport={"width": 1400, "height": 1100})
+    page = context.new_page()
+    page.set_default_timeout(120_000)
+    page.goto(server[0])
+    page.wait_for_selector("#generate")
+    yield page
+    context.close()
+
+
+def fill(page, selector: str, value) -> None:
+    field = page.locator(selector)
+    field.fill(str(value))
+    field.press("Tab")  # gradio reads a number field's value on blur
+
+
+def test_browser_generate_equals_cli(page, server, folder, reference):
+    page.locator("#photo input[type=file]").set_input_files(str(folder / "photo.png"))
+    page.wait_for_selector("#photo img")
+    fill(page, "#prompt textarea", PROMPT)
+    fill(page, "#seed input", SETTINGS["seed"])
+    fill(page, "#steps input[type=number]", SETTINGS["steps"])
+    fill(page, "#strength input[type=number]", SETTINGS["strength"])
+    fill(page, "#words textarea", "cabin, snow")
+    page.click("#generate")
+    image = page.wait_for_selector("#gallery img")
+    page.wait_for_selector("#attention img")
+    page.wait_for_selector("#filmstrip-out img")
+    page.wait_for_selector("#depth img")
+    assert page.locator("#seed-used textarea, #seed-used input").first.input_value() == str(SETTINGS["seed"])
+    response = page.request.get(image.get_attribute("src"))
+    assert response.ok
+    assert_served_png(response.body(), reference, SETTINGS["seed"])
+    assert page.locator("#attention img").count() == 2
+    shot = folder / "web-screenshot.png"
+    page.screenshot(path=str(shot), full_page=True)
+    shutil.copy(shot, REPO / "docs" / "web-screenshot.png")  # the README shows it
+    print(f"screenshot: {shot}")
+
+
+def toast(page, text: str) -> None:
+    page.get_by_text(re.compile(re.escape(text))).first.wait_for(timeout=30_000)
+
+
+def test_browser_bad_input_shows_a_message(page, server, folder):
+    fill(page, "#prompt textarea", PROMPT)
+    page.click("#generate")  # no photo
+    toast(page, "no photo")
+    page.get_by_text("Sample photo").locator("xpath=..").locator("img").first.click()  # the bundled sample photo
+    page.wait_for_selector("#photo img")
+    fill(page, "#words textarea", "dog")
+    page.click("#generate")
+    toast(page, "'dog' not in the prompt")
+    with urllib.request.urlopen(server[0], timeout=10) as response:  # the server keeps running
+        assert response.status == 200
+
+
+# ------------------------------------------------------------------------------------------------ gradio's client API
+@pytest.fixture(scope="module")
+def client(server):
+    gradio_client = pytest.importorskip("gradio_client", reason="gradio_client is not installed")
+    return gradio_client.Client(server[0], verbose=False)
+
+
+def arguments(image, **changes) -> list:
+    from gradio_client import handle_file
+    values = {"photo": handle_file(str(image)) if image else None, "prompt": PROMPT, "negative_prompt": "",
+              "strength": SETTINGS["strength"], "steps": SETTINGS["steps"], "guidance": 7.5, "seed": SETTINGS["seed"],
+              "scheduler": "checkpoint's own", "num_images": 1, "depth_file": None, "words": "", "filmstrip": False}
+    return list({**values, **changes}.values())
+
+
+def test_client_api_equals_cli(client, folder, reference):
+    images, seed_used, files, depth, film, attention = client.predict(*arguments(folder / "photo.png"),
+                                                                      api_name="/generate")
+    assert seed_used == str(SETTINGS["seed"]) and film is None and attention == []
+    assert_served_png(Path(images[0]["image"]).read_bytes(), reference, SETTINGS["seed"])
+    assert Path(files[0]).read_bytes() == Path(images[0]["image"]).read_bytes()
+    assert PIL.Image.open(depth).size == (128, 96)
+
+    # a random seed: drawn, shown, and image i of N uses seed + i
+    images, seed_used, *_ = client.predict(*arguments(folder / "photo.png", seed=-1, num_images=2),
+                                           api_name="/generate")
+    first = int(seed_used)
+    assert [PIL.Image.open(x["image"]).text["parameters"].count(f"Seed: {first + i},") for i, x in
+            enumerate(images)] == [1, 1]
+
+
+def test_client_api_progress_per_step(client, folder):
+    """gr.Progress is fed by the pipeline's step callback: "denoising i/N" with N the UNet calls of the run (DDIM:
+    one per step; PNDM's 40 steps would make 41)."""
+    job = client.submit(*arguments(folder / "photo.png", steps=40, strength=1.0, scheduler="ddim"),
+                        api_name="/generate")
+    job.result(timeout=300)
+    updates, seen = job.communicator.updates, []  # every status message the server sent, in order
+    while not updates.empty():
+        update = updates.get_nowait()
+        seen += [(unit.desc, unit.index, unit.length) for unit in getattr(update, "progress_data", None) or []]
+    denoising = [(index, length) for desc, index, length in seen if desc == "denoising"]
+    assert denoising and {length for _, length in denoising} == {40}, seen
+    assert [index for index, _ in denoising] == sorted(index for index, _ in denoising), seen
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no photo", "no photo"),
+    ("strength", "strength"),
+    ("1x1", "at least 8x8"),
+    ("unreadable", "not a readable image"),
+    ("word", "'dog' not in the prompt"),
+])
+def test_client_api_bad_input(client, folder, server, case, message):
+    from gradio_client.exceptions import AppError
+    (folder / "tiny.png").exists() or PIL.Image.new("RGB", (1, 1), (200, 10, 10)).save(folder / "tiny.png")
+    (folder / "bad.png").exists() or (folder / "bad.png").write_text("not an image")
+    photo_file = folder / "photo.png"
+    args = {"no photo": arguments(None), "strength": arguments(photo_file, strength=1.5),
+            "1x1": arguments(folder / "tiny.png"), "unreadable": arguments(folder / "bad.png"),
+            "word": arguments(photo_file, words="cabin, dog")}[case]
+    with pytest.raises(AppError, match=re.escape(message)):
+        client.predict(*args, api_name="/generate")
+    with urllib.request.urlopen(server[0], timeout=10) as response:  # the server keeps running
+        assert response.status == 200
+
+
+def test_queue_runs_one_generation_at_a_time(client, folder, server):
+    """Two requests at once (two tabs): the second starts only when the first is done (the server's log says)."""
+    before = server[1].read_text().count("started")
+    jobs = [client.submit(*arguments(folder / "photo.png", seed=s), api_name="/generate") for s in (1, 2)]
+    results = [job.result(timeout=300) for job in jobs]
+    assert [r[1] for r in results] == ["1", "2"]
+    events = re.findall(r"job (\d+): (started|done)", server[1].read_text())[2 * before:]
+    assert [e for _, e in events] == ["started", "done", "started", "done"], events
