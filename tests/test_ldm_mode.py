@@ -5,17 +5,26 @@ from __future__ import annotations
 
 import math
 
+import factory
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 import torch.nn.functional as F
-
-import factory
-from minidepth import StableDiffusionDepth2ImgPipeline, cli
-from minidepth.ldm_mode import (LDMSchedule, depth_condition, ddim_timesteps, midas_input, midas_layer_norms,
-                                midas_size, pad_image, padded_size, t_enc_for)
 from test_pipeline import photo
+
+from minidepth import StableDiffusionDepth2ImgPipeline, cli
+from minidepth.ldm_mode import (
+    LDMSchedule,
+    ddim_timesteps,
+    depth_condition,
+    midas_input,
+    midas_layer_norms,
+    midas_size,
+    pad_image,
+    padded_size,
+    t_enc_for,
+)
 
 
 @pytest.fixture(scope="module")
@@ -212,11 +221,9 @@ def reference(pipe, prompt, image, *, steps, strength, scale, seed, negative="")
     return out, used
 
 
-@pytest.mark.parametrize("kwargs", [dict(size=(100, 68), steps=6, strength=0.9, scale=9.0),
-                                    dict(size=(64, 136), steps=5, strength=1.0, scale=9.0),
-                                    dict(size=(130, 64), steps=7, strength=0.5, scale=1.0)])
-def test_end_to_end_equals_the_step_by_step_reference(pipe, kwargs):
-    size, steps, strength, scale = kwargs["size"], kwargs["steps"], kwargs["strength"], kwargs["scale"]
+@pytest.mark.parametrize("size, steps, strength, scale", [((100, 68), 6, 0.9, 9.0), ((64, 136), 5, 1.0, 9.0),
+                                                          ((130, 64), 7, 0.5, 1.0)])
+def test_end_to_end_equals_the_step_by_step_reference(pipe, size, steps, strength, scale):
     image = photo(*size, seed=5)
     with torch.no_grad():
         ref, used = reference(pipe, "a red house by the sea", image, steps=steps, strength=strength, scale=scale,
@@ -251,7 +258,7 @@ def test_off_by_one_timesteps_and_defaults(pipe):
 
 def test_pil_output_truncates_and_crop_padding(pipe):
     image = photo(100, 68, 4)
-    run = lambda **k: pipe("a boat", image, mode="ldm", num_inference_steps=2,  # noqa: E731
+    run = lambda **k: pipe("a boat", image, mode="ldm", num_inference_steps=2,
                            generator=torch.Generator().manual_seed(2), **k).images
     pt, pil, cropped = run(output_type="pt"), run()[0], run(crop_padding=True)[0]
     assert pil.size == (128, 128) and cropped.size == (100, 68)
