@@ -44,7 +44,8 @@ def add_parser(sub, formatter_class) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; 0.0.0.0 lets other machines in (default: 127.0.0.1, this one only)")
     p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
-    p.add_argument("--share", action="store_true", help="also ask gradio for a temporary public link (off unless given)")
+    p.add_argument("--share", action="store_true",
+                   help="also ask gradio for a temporary public link (off unless given)")
     p.add_argument("--device", choices=["cpu", "cuda", "mps"], help="where to run (default: cuda, else mps, else cpu)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="computation precision")
     p.add_argument("--quiet", "-q", action="store_true", help="fewer lines on stderr")
@@ -136,9 +137,9 @@ class Studio:
             if abs((dw / dh) / (size[0] / size[1]) - 1) > 0.01:
                 warn(f"the depth map is {dw}x{dh} but the image is {size[0]}x{size[1]}: the depth map is stretched")
         with self.lock:  # the queue already runs one job at a time; the lock makes it a rule of this class
-            return self._run(image, photo, s, num_images, words, filmstrip, depth_array, progress)
+            return self._run(image, size, photo, s, num_images, words, filmstrip, depth_array, progress)
 
-    def _run(self, photo_image, photo_path, s, num_images, words, filmstrip, depth_array, progress) -> dict:
+    def _run(self, photo_image, size, photo_path, s, num_images, words, filmstrip, depth_array, progress) -> dict:
         import contextlib
 
         import torch
@@ -165,8 +166,8 @@ class Studio:
                                       if cls == type(pipe.scheduler).__name__ and not over), None)
         sampler = A1111_NAMES.get(key, type(pipe.scheduler).__name__)
         image = to_rgb(photo_image)
-        if image.size != (image.width - image.width % 8, image.height - image.height % 8):
-            image = image.resize((image.width - image.width % 8, image.height - image.height % 8), resample=1)
+        if image.size != size:
+            image = image.resize(size, resample=1)  # 1 = LANCZOS, as `generate` and the pipeline resize
         generators = [torch.Generator(device).manual_seed(x) for x in seeds]
         depth_map = torch.from_numpy(depth_array)[None] if depth_array is not None else None
         estimated, calls = [], {"total": 1}
@@ -229,7 +230,7 @@ def build_app(studio: Studio):
     import gradio as gr
 
     def generate(photo, prompt, negative_prompt, strength, steps, guidance, seed, scheduler, num_images, depth_file,
-                 words, filmstrip, progress=gr.Progress()):
+                 words, filmstrip, progress=gr.Progress()):  # noqa: B008 (gradio's way to ask for a bar)
         def warn(message):
             studio.console.warn(message)
             gr.Warning(page_message(message))
