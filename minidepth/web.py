@@ -239,7 +239,10 @@ def build_app(studio: Studio):
                                   num_images, depth_file, words, filmstrip, warn=warn, progress=progress)
         except CLIError as e:
             studio.console.warn(f"refused: {e}")
-            raise gr.Error(page_message(e), title="Cannot generate") from e
+            message = page_message(e)
+            for path in (photo, depth_file):  # gradio's upload folders mean nothing to the user: the file's name
+                message = message.replace(path, Path(path).name) if path else message
+            raise gr.Error(message, title="Cannot generate") from e
         images = [str(p) for p in out["images"]]
         return (images, f"{out['seed']}", images, str(out["depth"]),
                 str(out["filmstrip"]) if out["filmstrip"] else None,

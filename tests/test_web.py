@@ -289,3 +289,54 @@ def test_queue_runs_one_generation_at_a_time(client, folder, server):
     assert [r[1] for r in results] == ["1", "2"]
     events = re.findall(r"job (\d+): (started|done)", server[1].read_text())[2 * before:]
     assert [e for _, e in events] == ["started", "done", "started", "done"], events
+
+
+def test_client_api_own_depth_map_and_several_images(client, folder):
+    grey = (np.linspace(0, 65535, 128 * 96).reshape(96, 128)).astype(np.uint16)  # a 16-bit ramp, brighter = nearer
+    PIL.Image.fromarray(grey).save(folder / "depth16.png")
+    images, seed_used, files, depth, film, attention = client.predict(
+        *arguments(folder / "photo.png", depth_file=handle(folder / "depth16.png"), num_images=2,
+                   words="cabin, snow", filmstrip=True), api_name="/generate")
+    assert len(images) == len(files) == 2 and film is not None
+    assert [a["caption"] for a in attention] == ["cabin (image 1)", "snow (image 1)", "cabin (image 2)",
+                                                 "snow (image 2)"]
+    shown = pixels(Path(depth)).astype(int)
+    assert shown[0].mean() < shown[-1].mean()  # the ramp's colours, not an estimated depth: bright at the bottom
+    assert PIL.Image.open(images[0]["image"]).text["minidepth"].count("depth16.png") == 1
+
+    from gradio_client.exceptions import AppError
+    (folder / "depth.txt").write_text("not a depth map")
+    with pytest.raises(AppError, match=r"Invalid file type"):  # gradio's own check of the file types
+        client.predict(*arguments(folder / "photo.png", depth_file=handle(folder / "depth.txt")), api_name="/generate")
+    (folder / "bad-depth.png").write_text("not a depth map")
+    with pytest.raises(AppError, match=r"depth map: bad-depth.png is not a readable .npy array or image"):
+        client.predict(*arguments(folder / "photo.png", depth_file=handle(folder / "bad-depth.png")),
+                       api_name="/generate")
+
+
+def handle(path: Path):
+    from gradio_client import handle_file
+    return handle_file(str(path))
+
+
+def test_binds_localhost_without_a_share_link(server):
+    log = server[1].read_text()
+    assert "Running on local URL:  http://127.0.0.1:" in log and "gradio.live" not in log
+
+
+def test_help_imports_neither_torch_nor_gradio():
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "minidepth", "serve", "--help"],
+                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
+    assert result.returncode == 0 and "--port" in result.stdout
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines() if "|" in line}
+    assert not imported & {"torch", "gradio"}, imported & {"torch", "gradio"}
+
+
+def test_serve_without_gradio_says_how_to_install(checkpoint):
+    code = ("import sys; sys.modules['gradio'] = None\n"
+            "from minidepth.cli import main\n"
+            f"sys.exit(main(['serve', '--model', {str(checkpoint)!r}]))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().startswith("minidepth serve: error: serve needs gradio") and ".[web]" in result.stderr
