@@ -314,7 +314,7 @@ def _say_which_input(inputs: dict, gr) -> None:
                 return original(payload)
             except Exception as e:
                 detail = getattr(e, "message", None) or str(e)
-                if isinstance(e, (OSError, ValueError)):  # PIL: UnidentifiedImageError, truncated files, ...
+                if name == "photo" and isinstance(e, (OSError, ValueError)):  # PIL: UnidentifiedImageError, ...
                     detail = f"{getattr(payload, 'orig_name', None) or 'the file'} is not a readable image"
                 raise gr.Error(f"{name}: {detail}", title="Cannot generate") from e
         component.preprocess = preprocess
