@@ -362,7 +362,8 @@ COMMANDS = {"generate": cmd_generate, "depth": cmd_depth, "info": cmd_info, "sch
             "tour": inside_cli.run_tour,  # tour: minidepth/inside/cli.py
             "convert": cli_convert.run,  # convert: minidepth/cli_convert.py
             "batch": lambda args, console: _batch().run(args, console),  # batch: minidepth/batch.py
-            "serve": lambda args, console: __import__("minidepth.web").web.run(args, console)}  # minidepth/web.py
+            "serve": lambda args, console: __import__("minidepth.web").web.run(args, console),  # minidepth/web.py
+            "train-lora": lambda args, console: __import__("minidepth.train.options").train.options.run(args, console)}
 
 
 def _batch():

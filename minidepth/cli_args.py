@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                      epilog="Run `minidepth <command> --help` for the options of each command.")
     parser.add_argument("--version", action="version", version=f"minidepth {__version__}")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{generate,batch,depth,info,schedulers,download,tour,serve}")
+                                metavar="{generate,batch,depth,info,schedulers,download,tour,serve,train-lora}")
     fmt, unset = _Help, argparse.SUPPRESS  # unset: left out of the namespace, so --from can fill it in
 
     g = sub.add_parser("generate", formatter_class=fmt, help="make new images that keep a photo's 3-D layout",
@@ -272,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_batch_parser(sub, fmt)
     from .web import add_parser as add_serve_parser
     add_serve_parser(sub, fmt)  # serve: minidepth/web.py (gradio is imported only when it runs)
+    from .train.options import add_parser as add_train_parser
+    add_train_parser(sub, fmt)  # train-lora: minidepth/train/ (torch is imported only when it runs)
     return parser
 
 

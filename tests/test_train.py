@@ -24,6 +24,7 @@ from test_pipeline import assert_close, photo
 from minidepth import StableDiffusionDepth2ImgPipeline
 from minidepth.train import TrainConfig, TrainError, train_lora
 from minidepth.train import data as train_data
+from minidepth.train.options import check_config
 from minidepth.train import loop, objective
 
 REPO = Path(__file__).resolve().parents[1]
@@ -181,3 +182,147 @@ def test_one_step_equals_diffusers_and_peft(tiny_checkpoint, dataset, depth_cach
     assert all(ours[k].abs().max() > 0 for k in ours), "every LoRA tensor should get a gradient"
     if config.train_text_encoder:
         assert any(k.startswith("text_encoder.") for k in ours)
+
+
+# ------------------------------------------------------------------------------------------------ training runs
+def lora_tensors(path):
+    return load_file(str(path))
+
+
+def max_relative_difference(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    scale = max(v.abs().max().item() for v in b.values())
+    return max((a[k] - b[k]).abs().max().item() for k in a) / scale
+
+
+def generate(pipe, lora_file, image):
+    pipe.load_lora_weights(str(lora_file))
+    out = pipe("a photo of a house", image=image, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+               output_type="np").images
+    pipe.unload_lora_weights()
+    return out
+
+
+def test_forty_steps_lower_the_loss_and_the_file_loads_in_diffusers(tiny_checkpoint, dataset, depth_cache, tmp_path):
+    from diffusers import StableDiffusionDepth2ImgPipeline as Reference
+
+    from minidepth.train import state
+    pipe = StableDiffusionDepth2ImgPipeline.from_pretrained(tiny_checkpoint)
+    result = train_lora(model=pipe, data=str(dataset), out=str(tmp_path / "style.safetensors"), resolution=RES,
+                        steps=40, batch_size=2, lr=1e-2, targets="all", train_text_encoder=True,
+                        depth_cache=str(depth_cache), log=str(tmp_path / "run.csv"), progress=False)
+    losses = [h["loss"] for h in result.history]
+    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+    print(f"\nloss: first 5 steps {first:.4f}, last 5 {last:.4f}, ratio {last / first:.3f}")
+    assert last < 0.9 * first
+    rows = (tmp_path / "run.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,lr,seconds" and len(rows) == 41 and rows[-1].startswith("40,")
+    with Image.open(tmp_path / "style-loss.png") as plot:
+        assert plot.size == (800, 450)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.csv", "style-loss.png", "style.safetensors"]
+
+    tensors = lora_tensors(tmp_path / "style.safetensors")
+    assert any(k.startswith("text_encoder.") for k in tensors) and any(".conv1.lora_A" in k for k in tensors)
+    ours = StableDiffusionDepth2ImgPipeline.from_pretrained(tiny_checkpoint)
+    ref = Reference.from_pretrained(tiny_checkpoint)
+    for p in (ours, ref):
+        p.set_progress_bar_config(disable=True)
+    image = photo(64, 64, seed=9)
+    base = ours("a photo of a house", image=image, num_inference_steps=3, output_type="np",
+                generator=torch.Generator().manual_seed(0)).images
+    mine, theirs = generate(ours, tmp_path / "style.safetensors", image), generate(ref, tmp_path / "style.safetensors",
+                                                                                     image)
+    assert np.abs(mine - base).max() > 1e-2, "the trained LoRA should change the image"
+    assert_close(mine, theirs, 1e-5, "trained LoRA: minidepth vs diffusers")
+    state.write_lora(tmp_path / "kohya.safetensors", result.pipeline.unet, result.pipeline.text_encoder, "kohya")
+    assert all(k.startswith(("lora_unet_", "lora_te_")) for k in lora_tensors(tmp_path / "kohya.safetensors"))
+    assert_close(generate(ref, tmp_path / "kohya.safetensors", image), mine, 1e-5, "kohya format in diffusers")
+    assert_close(generate(ours, tmp_path / "kohya.safetensors", image), mine, 1e-5, "kohya format in minidepth")
+
+
+def test_resume_equals_the_uninterrupted_run(tiny_checkpoint, dataset, depth_cache, tmp_path):
+    pipe = StableDiffusionDepth2ImgPipeline.from_pretrained(tiny_checkpoint)
+    settings = dict(model=pipe, data=str(dataset), resolution=RES, steps=6, batch_size=2, grad_accum=2, lr=3e-3,
+                    lr_schedule="cosine", warmup_steps=2, crop="random", caption_dropout=0.3, save_every=3,
+                    checkpoints=str(tmp_path / "checkpoints"), depth_cache=str(depth_cache), progress=False)
+    whole = train_lora(out=str(tmp_path / "whole.safetensors"), log=str(tmp_path / "whole.csv"), **settings)
+    assert [p.name for p in whole.checkpoints] == ["step-000003", "step-000006"]
+    resumed = train_lora(out=str(tmp_path / "resumed.safetensors"), log=str(tmp_path / "resumed.csv"),
+                         resume=str(tmp_path / "checkpoints" / "step-000003"), **{**settings, "save_every": 0})
+    difference = max_relative_difference(lora_tensors(tmp_path / "resumed.safetensors"),
+                                         lora_tensors(tmp_path / "whole.safetensors"))
+    print(f"\nresumed at step 3 vs uninterrupted: max relative difference {difference:.1e}")
+    assert difference <= 1e-6
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in whole.history]
+    assert (tmp_path / "resumed.csv").read_text().count("\n") == 7  # the resumed log has all 6 steps
+    info = json.loads((tmp_path / "checkpoints" / "step-000003" / "state.json").read_text())
+    assert info["step"] == 3 and info["samples_seen"] == 12
+    # the checkpoint's own LoRA file loads as it is
+    StableDiffusionDepth2ImgPipeline.from_pretrained(tiny_checkpoint).load_lora_weights(
+        str(tmp_path / "checkpoints" / "step-000003"))
+    # another configuration cannot resume it, and nothing is written
+    with pytest.raises(TrainError, match=r"other settings.*lr: checkpoint 0.003, now 0.001"):
+        train_lora(out=str(tmp_path / "other.safetensors"), resume=str(tmp_path / "checkpoints"),
+                   **{**settings, "lr": 1e-3})
+    assert not (tmp_path / "other.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_bad_inputs_fail_before_training_and_write_nothing(tmp_path, dataset):
+    out = tmp_path / "out" / "lora.safetensors"
+
+    def fails(match, **kwargs):
+        with pytest.raises(TrainError, match=match):
+            train_lora(**{"model": "unused", "data": str(dataset), "out": str(out), "resolution": RES, **kwargs})
+        assert not (tmp_path / "out").exists()
+
+    (tmp_path / "empty").mkdir()
+    fails("holds no images", data=str(tmp_path / "empty"))
+    fails("--resolution 60: must be a multiple of 8", resolution=60)
+    broken = make_folder(tmp_path / "broken", n=2, depth_for=())
+    (broken / "img1.png").write_bytes((broken / "img1.png").read_bytes()[:200])  # truncated
+    (broken / "notes.jpg").write_bytes(b"not an image")
+    (broken / "notes.txt").write_text("a caption")
+    fails(r"2 unreadable file\(s\):\n  .*img1.png: not a readable image.*\n  .*notes.jpg", data=str(broken))
+    uncaptioned = make_folder(tmp_path / "uncaptioned", n=3, depth_for=())
+    (uncaptioned / "img2.txt").unlink()
+    fails(r"1 image\(s\) without a caption \(no NAME.txt caption\): img2.png; .*--allow-empty-captions",
+          data=str(uncaptioned))
+    with pytest.raises(TrainError, match="cannot be split evenly over 2 processes"):
+        check_config(TrainConfig(data=str(dataset), batch_size=3), world=2)
+    fails("--resume .*: no checkpoint there", resume=str(tmp_path / "empty"))
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    photo(40, 40).save(meta / "a.png")
+    (meta / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a"}\n{"file_name": "b.png", "text": "b"}\n')
+    fails("names images that are not in .*: b.png", data=str(meta))
+    out.parent.mkdir()
+    out.write_bytes(b"old")
+    with pytest.raises(TrainError, match="already exists; pass --overwrite"):
+        train_lora(model="unused", data=str(dataset), out=str(out), resolution=RES)
+    assert out.read_bytes() == b"old"
+
+
+def test_metadata_jsonl_and_empty_captions_allowed(tmp_path):
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    for name in ("a.png", "b.png"):
+        photo(40, 48).save(meta / name)
+    (meta / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a red house"}\n'
+                                         '{"file_name": "b.png", "text": ""}\n')
+    warnings = []
+    examples = train_data.scan_folder(meta, allow_empty_captions=True, warn=warnings.append)
+    assert [(e.image.name, e.caption) for e in examples] == [("a.png", "a red house"), ("b.png", "")]
+    assert warnings and "b.png" in warnings[0]
+
+
+def test_cli_reports_bad_input_in_one_line_without_loading_torch(tmp_path):
+    (tmp_path / "empty").mkdir()
+    code = ("import sys; from minidepth.cli import main; "
+            f"rc = main(['train-lora', '--data', {str(tmp_path / 'empty')!r}, '--out', {str(tmp_path / 'l.safetensors')!r}]); "
+            "print('torch' in sys.modules, rc)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.stdout.split() == ["False", "1"], done.stdout + done.stderr
+    assert done.stderr.strip().startswith("minidepth train-lora: error: --data") and "holds no images" in done.stderr
+    assert done.stderr.count("\n") == 1

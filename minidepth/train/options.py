@@ -23,7 +23,12 @@ PRECISIONS = ("no", "bf16", "fp16")
 
 
 class TrainError(ValueError):
-    """Bad training input, reported before any training starts (and before anything is written)."""
+    """Bad training input, reported before any training starts (and before anything is written). `code`: the exit
+    status of the command (2: a bad option value, 1: missing or unreadable files, another run's checkpoint)."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass
@@ -100,7 +105,7 @@ RESULT_FIELDS = ("resolution", "crop", "steps", "batch_size", "grad_accum", "lr"
 def check_config(c: TrainConfig, world: int = 1) -> None:
     """Every setting on its own (TrainError naming the option); data and files are checked by data.py / state.py."""
     def bad(option, accepted):
-        raise TrainError(f"--{option.replace('_', '-')} {getattr(c, option)!r}: must be {accepted}")
+        raise TrainError(f"--{option.replace('_', '-')} {getattr(c, option)!r}: must be {accepted}", code=2)
 
     if not isinstance(c.resolution, int) or c.resolution < 8 or c.resolution % 8:
         bad("resolution", "a multiple of 8 (the autoencoder shrinks images 8 times), at least 8")
@@ -136,7 +141,7 @@ def check_config(c: TrainConfig, world: int = 1) -> None:
         raise TrainError(f"--batch-size {c.batch_size} cannot be split evenly over {world} processes; use a multiple "
                          f"of {world} (each process takes batch_size / {world} samples per micro-step)")
     if c.out_path.suffix != ".safetensors":
-        raise TrainError(f"--out {c.out}: the LoRA is written as safetensors; use a .safetensors name")
+        raise TrainError(f"--out {c.out}: the LoRA is written as safetensors; use a .safetensors name", code=2)
 
 
 def check_outputs(c: TrainConfig) -> None:
@@ -239,14 +244,14 @@ def run(args, console) -> int:
         if config.resume:
             check_resume(config)
     except TrainError as e:
-        raise CLIError(str(e), code=2 if str(e).startswith("--") else 1) from e
+        raise CLIError(str(e), code=e.code) from e
     from ..cli_model import resolve_model
     config.model = str(resolve_model(config.model))  # a folder, or the Hub repo id downloaded / found in the cache
     from .loop import train_lora
     try:
         result = train_lora(config, console=console)
     except TrainError as e:
-        raise CLIError(str(e)) from e
+        raise CLIError(str(e), code=e.code) from e
     if int(os.environ.get("RANK", 0)) == 0:
         print(result.out, flush=True)
     return 0
