@@ -326,3 +326,69 @@ def test_cli_reports_bad_input_in_one_line_without_loading_torch(tmp_path):
     assert done.stdout.split() == ["False", "1"], done.stdout + done.stderr
     assert done.stderr.strip().startswith("minidepth train-lora: error: --data") and "holds no images" in done.stderr
     assert done.stderr.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------------------------ processes
+def cli(args, *, torchrun=False, wait=True):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    head = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun \
+        else [sys.executable]
+    command = [*head, "-m", "minidepth", "train-lora", *map(str, args)]
+    if not wait:
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def cli_settings(checkpoint, dataset, depth_cache, **options):
+    settings = {"--model": checkpoint, "--data": dataset, "--depth-cache": depth_cache, "--batch-size": 2, "--quiet": None,
+                "--targets": "attn", "--lr": 1e-3, **options}
+    return [x for k, v in settings.items() for x in ((k,) if v is None else (k, v))]
+
+
+def test_torchrun_two_processes_give_the_same_lora_as_one(tiny_checkpoint, dataset, depth_cache, tmp_path):
+    # 128 pixels: at 64 the tiny UNet's lowest level is 1x1, where its GroupNorms (1-2 channels a group) make some
+    # gradients zero up to rounding, and Adam turns that rounding noise into whole steps (see README)
+    args = cli_settings(tiny_checkpoint, dataset, depth_cache, **{"--resolution": 128, "--steps": 3,
+                        "--grad-accum": 2, "--train-text-encoder": None, "--crop": "random", "--caption-dropout": 0.3})
+    cli([*args, "--out", tmp_path / "one.safetensors", "--log-csv", tmp_path / "one.csv"])
+    cli([*args, "--out", tmp_path / "two.safetensors", "--log-csv", tmp_path / "two.csv"], torchrun=True)
+    one, two = lora_tensors(tmp_path / "one.safetensors"), lora_tensors(tmp_path / "two.safetensors")
+    assert any(k.startswith("text_encoder.") for k in one)
+    difference = max_relative_difference(two, one)
+    print(f"\ntorchrun 2 processes vs 1: max relative difference {difference:.1e}")
+    assert difference <= 1e-4
+    loss = [[float(r.split(",")[1]) for r in (tmp_path / f"{n}.csv").read_text().splitlines()[1:]] for n in ("one", "two")]
+    assert np.allclose(loss[0], loss[1], rtol=1e-4, atol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one-loss.png", "one.csv", "one.safetensors",
+                                                          "two-loss.png", "two.csv", "two.safetensors"]
+
+
+def test_kill_9_then_resume_equals_the_uninterrupted_run(tiny_checkpoint, dataset, depth_cache, tmp_path):
+    import signal
+    import time
+    args = cli_settings(tiny_checkpoint, dataset, depth_cache, **{"--resolution": RES, "--steps": 24,
+                                                                  "--save-every": 2, "--plot": ""})
+    cli([*args, "--out", tmp_path / "whole.safetensors"])
+    run = tmp_path / "run"
+    killed = cli([*args, "--out", run / "lora.safetensors", "--log", run / "run.csv"], wait=False)
+    deadline = time.time() + 300
+    while not (run / "lora-checkpoints" / "step-000002").is_dir():
+        assert killed.poll() is None and time.time() < deadline, killed.communicate()[1][-2000:]
+        time.sleep(0.02)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert not (run / "lora.safetensors").exists(), "killed too late: the run had finished"
+    steps = sorted(p.name for p in (run / "lora-checkpoints").iterdir() if not p.name.startswith("."))
+    for name in steps:  # every visible checkpoint is complete
+        assert {p.name for p in (run / "lora-checkpoints" / name).iterdir()} == {
+            "state.json", "training_state.pt", "pytorch_lora_weights.safetensors"}
+    rows = (run / "run.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,lr,seconds" and all(len(r.split(",")) == 4 for r in rows)
+    cli([*args, "--out", run / "lora.safetensors", "--log", run / "run.csv", "--resume", run / "lora-checkpoints"])
+    difference = max_relative_difference(lora_tensors(run / "lora.safetensors"),
+                                         lora_tensors(tmp_path / "whole.safetensors"))
+    print(f"\nkilled after {steps[-1]}, resumed: max relative difference to the uninterrupted run {difference:.1e}")
+    assert difference <= 1e-6
+    assert (run / "run.csv").read_text().count("\n") == 25

@@ -148,9 +148,9 @@ def _train(config: TrainConfig, examples, device, rank: int, world: int, console
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [device.index] if device.type == "cuda" else None
-        unet = DDP(unet, device_ids=ids, broadcast_buffers=False)
+        unet = DDP(unet, device_ids=ids)
         if config.train_text_encoder:
-            text_encoder = DDP(text_encoder, device_ids=ids, broadcast_buffers=False)
+            text_encoder = DDP(text_encoder, device_ids=ids)
 
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=config.weight_decay)

@@ -216,7 +216,9 @@ def add_parser(sub, formatter_class) -> None:
     p.add_argument("--checkpoints", metavar="DIR", help="checkpoint folder (default: <out stem>-checkpoints)")
     p.add_argument("--resume", metavar="DIR", help="continue from a checkpoint (step-N folder, or the checkpoints "
                                                    "folder for its latest); same settings required")
-    p.add_argument("--log", metavar="FILE.csv", help="CSV with step, loss, lr, seconds")
+    p.add_argument("--log", "--log-csv", dest="log", metavar="FILE.csv",
+                   help="CSV with step, loss, lr, seconds (under torchrun write --log-csv: torchrun's own parser "
+                        "takes --log for its --log-dir)")
     p.add_argument("--plot", metavar="FILE.png", help="loss curve (default: <out stem>-loss.png; '' for none)")
     p.add_argument("--depth-cache", metavar="DIR", help="estimated depth maps (default: <out stem>-depth-cache)")
     p.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: cuda (LOCAL_RANK) when present")
