@@ -119,7 +119,7 @@ def _check_image(path: Path) -> str | None:
         with Image.open(path) as img:
             img.load()  # decodes everything: truncated and corrupt files fail here
             size = img.size
-    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, ... for bad files
+    except Exception as e:  # noqa: BLE001  (PIL raises OSError, ValueError, SyntaxError, ... for bad files)
         return f"{path}: not a readable image ({type(e).__name__}: {e})"
     if min(size) < 8:
         return f"{path}: {size[0]}x{size[1]} pixels; images must be at least 8x8"
@@ -197,7 +197,7 @@ def crop_box(width: int, height: int, resolution: int, crop: str, generator) -> 
     return size, (left, top)
 
 
-def load_sample(example: Example, resolution: int, crop: str, generator, depth_cache: "DepthCache"):
+def load_sample(example: Example, resolution: int, crop: str, generator, depth_cache: DepthCache):
     """(pixels (3, R, R) float32 in [-1, 1], depth (h, w) float32 for the same square of the photo)."""
     import numpy as np
     import torch

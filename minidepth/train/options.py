@@ -235,12 +235,12 @@ def config_from_args(args) -> TrainConfig:
 def run(args, console) -> int:
     """`minidepth train-lora`: check everything, then train (minidepth/train/loop.py)."""
     config = config_from_args(args)
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         check_config(config, world)
         check_outputs(config)
         from .data import scan_folder
-        scan_folder(config.data, config.allow_empty_captions, console.warn if int(os.environ.get("RANK", 0)) == 0
+        scan_folder(config.data, config.allow_empty_captions, console.warn if int(os.environ.get("RANK", "0")) == 0
                     else None)
         from .state import check_resume
         if config.resume:
@@ -254,6 +254,6 @@ def run(args, console) -> int:
         result = train_lora(config, console=console)
     except TrainError as e:
         raise CLIError(str(e), code=e.code) from e
-    if int(os.environ.get("RANK", 0)) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         print(result.out, flush=True)
     return 0
