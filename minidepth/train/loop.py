@@ -98,6 +98,8 @@ def train_lora(config: TrainConfig | None = None, *, console: Console | None = N
     config = dataclasses.replace(config, **kwargs) if config is not None else TrainConfig(**kwargs)
     rank, world, local_rank = distributed()
     console = console or Console("minidepth train-lora", quiet=not config.progress)
+    if rank != 0:
+        console = Console(console.prog, quiet=True)  # one process speaks (warnings included: they are the same)
     check_config(config, world)
     check_outputs(config)
     examples = scan_folder(config.data, config.allow_empty_captions, console.warn if rank == 0 else None)
@@ -124,7 +126,11 @@ def _train(config: TrainConfig, examples, device, rank: int, world: int, console
     saved = state.check_resume(config, settings) if config.resume else None
 
     cache = DepthCache(config.depth_cache_path)
-    if rank == 0 and cache.missing(examples):  # the only file written before training: the DPT's depth maps
+    missing = cache.missing(examples)
+    if missing and getattr(pipe, "depth_estimator", None) is None:
+        raise TrainError(f"{len(missing)} photo(s) need a depth map ({missing[0].image.name}, ...) but the pipeline has "
+                         "no depth estimator; add NAME.depth.png files")
+    if rank == 0 and missing:  # the only files written before training: the DPT's depth maps
         cache.estimate(examples, pipe, progress=config.progress)
     _barrier(world)
 
