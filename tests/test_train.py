@@ -42,6 +42,16 @@ def make_folder(folder: Path, n: int = 4, depth_for: tuple[int, ...] = (1,)) -> 
     return folder
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Training many tiny steps: on a shared 2-core machine two torch threads wait on each other (up to 30x slower);
+    one thread is also what the subprocess runs use (OMP_NUM_THREADS=1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     return make_folder(tmp_path_factory.mktemp("train") / "data")
