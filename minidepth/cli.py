@@ -20,6 +20,7 @@ Options and checks: `cli_args.py`; files, warnings and the grid: `cli_files.py`;
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import os
@@ -28,10 +29,9 @@ import sys
 import time
 from pathlib import Path
 
-from . import cli_convert, parity_cli
 from .cli_args import (A1111_NAMES, DEFAULT_MODEL, DTYPES, GENERATE_DEFAULTS, LDM_DEFAULTS, OPTION_OF,  # noqa: F401
-                       SCHEDULER_TABLE, SCHEDULERS, CLIError, build_parser, check_attention_slicing, check_generate,
-                       schedulers_table, target_size)
+                       SCHEDULER_TABLE, SCHEDULERS, SUBCOMMAND_MODULES, CLIError, build_parser,
+                       check_attention_slicing, check_generate, schedulers_table, target_size)
 from .cli_files import (Console, check_outputs, compose_grid, open_image, planned_outputs,
                         read_depth_map, save_atomic)
 from .cli_model import checkpoint_limits, detect_variant, hub_error, resolve_model
@@ -358,28 +358,21 @@ def download(repo_id: str, folder: Path | None, variant: str | None, revision: s
 
 
 COMMANDS = {"generate": cmd_generate, "depth": cmd_depth, "info": cmd_info, "schedulers": cmd_schedulers,
-            "download": cmd_download, "parity": parity_cli.run,  # parity: minidepth/parity_cli.py
-            "tour": inside_cli.run_tour,  # tour: minidepth/inside/cli.py
-            "convert": cli_convert.run,  # convert: minidepth/cli_convert.py
-            "batch": lambda args, console: _batch().run(args, console),  # batch: minidepth/batch.py
-            "serve": lambda args, console: __import__("minidepth.web").web.run(args, console),  # minidepth/web.py
-            "train-lora": lambda args, console: __import__("minidepth.train.options").train.options.run(args, console)}
+            "download": cmd_download}
 
 
-def _batch():
-    from . import batch
-    return batch
+def run_subcommand(args, console) -> int:
+    """A subcommand of its own module (cli_args.SUBCOMMAND_MODULES), imported only now."""
+    return importlib.import_module(SUBCOMMAND_MODULES[args.command], __package__).run(args, console)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    parity_cli.add_parser(parser)
-    cli_convert.add_parser(parser)
     args = parser.parse_args(argv)
     prog = f"minidepth {args.command}"
     console = Console(prog, getattr(args, "quiet", False))
     try:
-        return COMMANDS[args.command](args, console)
+        return COMMANDS.get(args.command, run_subcommand)(args, console)
     except CLIError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return e.code

@@ -7,6 +7,7 @@ fraction of a second, before any model is loaded.
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 
 from . import __version__
@@ -46,6 +47,11 @@ SCHEDULERS = {name: (cls, overrides) for name, (cls, overrides, _, _) in SCHEDUL
 A1111_NAMES = {name: row[2] for name, row in SCHEDULER_TABLE.items()}
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 DEVICES = ["cpu", "cuda", "mps"]
+
+# The subcommands that live in their own module: name -> module with `add_parser(sub, formatter_class)` and
+# `run(args, console)`. None of them imports torch (or gradio) at import time, so `minidepth --help` stays quick.
+SUBCOMMAND_MODULES = {"batch": ".batch", "tour": ".inside.cli", "parity": ".parity_cli", "convert": ".cli_convert",
+                      "serve": ".web", "train-lora": ".train.options"}
 
 # generate's settings that `--from IMAGE.png` restores, with their defaults (the parser leaves unset options out)
 GENERATE_DEFAULTS = {"image": None, "prompt": None, "negative_prompt": None, "strength": 0.8, "steps": 50,
@@ -169,12 +175,13 @@ def _run_options(p, dtype_default) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .inside.cli import add_generate_options, add_tour_parser
+    from .inside.cli import add_generate_options
     parser = _Parser(prog="minidepth", description="Stable Diffusion 2 depth-to-image in plain PyTorch.",
                      epilog="Run `minidepth <command> --help` for the options of each command.")
     parser.add_argument("--version", action="version", version=f"minidepth {__version__}")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{generate,batch,depth,info,schedulers,download,tour,serve,train-lora}")
+                                metavar="{" + ",".join(["generate", "depth", "info", "schedulers", "download",
+                                                        *SUBCOMMAND_MODULES]) + "}")
     fmt, unset = _Help, argparse.SUPPRESS  # unset: left out of the namespace, so --from can fill it in
 
     g = sub.add_parser("generate", formatter_class=fmt, help="make new images that keep a photo's 3-D layout",
@@ -192,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "...); options given as well override them")
     g.add_argument("--strength", type=float, default=unset,
                    help="how much noise is added to the photo, in [0, 1]: 1 repaints everything, small values stay "
-                        "close to the photo; int(steps * strength) denoising steps run (default: 0.8; 0.9 with --mode ldm)")
+                        "close to the photo; int(steps * strength) denoising steps run (default: 0.8; 0.9 with "
+                        "--mode ldm)")
     g.add_argument("--steps", type=int, default=unset,
                    help="number of scheduler steps for the full schedule (default: 50)")
     g.add_argument("--guidance", type=float, default=unset,
@@ -267,13 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--dir", metavar="FOLDER", help="download into this plain folder (e.g. weights/stable-diffusion-2-"
                                                    "depth) instead of the Hugging Face cache")
     w.add_argument("--revision", help="branch, tag or commit")
-    add_tour_parser(sub, fmt)
-    from .batch import add_parser as add_batch_parser
-    add_batch_parser(sub, fmt)
-    from .web import add_parser as add_serve_parser
-    add_serve_parser(sub, fmt)  # serve: minidepth/web.py (gradio is imported only when it runs)
-    from .train.options import add_parser as add_train_parser
-    add_train_parser(sub, fmt)  # train-lora: minidepth/train/ (torch is imported only when it runs)
+    for module in SUBCOMMAND_MODULES.values():  # each: add_parser(sub, formatter_class) and run(args, console)
+        importlib.import_module(module, __package__).add_parser(sub, fmt)
     return parser
 
 

@@ -10,8 +10,6 @@ The work is done by `minidepth.checkpoints.single_file`; nothing here imports to
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 DESCRIPTION = (
@@ -24,13 +22,9 @@ DESCRIPTION = (
     "strict=False). Pickles (.ckpt) are only read with torch.load(weights_only=True).")
 
 
-def add_parser(parser: argparse.ArgumentParser) -> None:
-    """Register the `convert` subcommand on the `minidepth` parser (built by `cli_args.build_parser`)."""
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if sub.metavar and sub.metavar.endswith("}"):
-        sub.metavar = sub.metavar[:-1] + ",convert}"
-    formatter = getattr(sys.modules.get("minidepth.cli_args"), "_Help", argparse.ArgumentDefaultsHelpFormatter)
-    p = sub.add_parser("convert", formatter_class=formatter, description=DESCRIPTION,
+def add_parser(sub, formatter_class) -> None:
+    """Register the `convert` subcommand (called by `cli_args.build_parser`, like every subcommand module)."""
+    p = sub.add_parser("convert", formatter_class=formatter_class, description=DESCRIPTION,
                        help="original single file <-> diffusers folder")
     p.add_argument("source", metavar="SOURCE", help="a single file (.safetensors/.ckpt) or a diffusers folder")
     p.add_argument("--out", required=True, metavar="TARGET",

@@ -9,7 +9,6 @@ here imports torch, so `minidepth --help` stays quick.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -23,13 +22,9 @@ DESCRIPTION = (
     "1 a stage is not, 2 bad usage. Needs the reference libraries: pip install \"minidepth[parity]\".")
 
 
-def add_parser(parser: argparse.ArgumentParser) -> None:
-    """Register the `parity` subcommand on the `minidepth` parser (built by `cli_args.build_parser`)."""
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if sub.metavar and sub.metavar.endswith("}"):
-        sub.metavar = sub.metavar[:-1] + ",parity}"
-    formatter = getattr(sys.modules.get("minidepth.cli_args"), "_Help", argparse.ArgumentDefaultsHelpFormatter)
-    p = sub.add_parser("parity", formatter_class=formatter, description=DESCRIPTION,
+def add_parser(sub, formatter_class) -> None:
+    """Register the `parity` subcommand (called by `cli_args.build_parser`, like every subcommand module)."""
+    p = sub.add_parser("parity", formatter_class=formatter_class, description=DESCRIPTION,
                        help="compare every stage with diffusers (a parity report)")
     p.add_argument("--model", required=True, metavar="PATH_OR_REPO_ID", help="the checkpoint minidepth runs")
     p.add_argument("--reference-model", metavar="PATH_OR_REPO_ID",

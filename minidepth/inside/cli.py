@@ -19,7 +19,8 @@ from ..cli_args import CLIError
 
 
 # ------------------------------------------------------------------------------------------------ tour
-def add_tour_parser(sub, formatter_class) -> None:
+def add_parser(sub, formatter_class) -> None:
+    """Register the `tour` subcommand (called by `cli_args.build_parser`, like every subcommand module)."""
     t = sub.add_parser("tour", formatter_class=formatter_class,
                        help="the architecture as a table: shapes, parameters, GFLOP (no weights needed)",
                        description="Print every model of SD2-depth (text encoder, DPT depth, VAE encoder, UNet, VAE "
@@ -49,7 +50,8 @@ def _parse_size(text: str) -> tuple[int, int]:
     return height, width
 
 
-def run_tour(args, console=None) -> int:
+def run(args, console=None) -> int:
+    """`minidepth tour`."""
     size = _parse_size(args.size)
     if not 1 <= args.steps <= 1000 or not 0 < args.strength <= 1 or int(args.steps * args.strength) < 1:
         raise CLIError(f"--steps {args.steps} --strength {args.strength}: need 1 <= steps <= 1000, 0 < strength <= 1 "
