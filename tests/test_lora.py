@@ -272,3 +272,36 @@ def test_pickles_only_weights_only(pipes, tmp_path):
     pipes[0].load_lora_weights(good)
     assert pipes[0].get_list_adapters() == {"unet": ["default_0"], "text_encoder": ["default_0"]}
     pipes[0].unload_lora_weights()
+
+
+# ------------------------------------------------------------------------------------------------ official size
+@pytest.mark.official
+def test_official_size_kohya_locon_text_encoder_and_fuse(tmp_path):
+    """The real SD2-depth architecture (random weights): a kohya LoCon file on every UNet Linear / ResNet conv and the
+    text encoder's attention and MLP gives diffusers' image, at scale 1 and 0.5 and fused at 0.7; unfuse + unload give
+    back the original image exactly."""
+    import gc
+    from diffusers import StableDiffusionDepth2ImgPipeline as Reference
+    folder = factory.cached_checkpoint("official")
+    ours, ref = StableDiffusionDepth2ImgPipeline.from_pretrained(folder), Reference.from_pretrained(folder)
+    for p in (ours, ref):
+        p.set_progress_bar_config(disable=True)
+    picture = photo(64, 64, seed=3)
+    call = {**CALL, "num_inference_steps": 2}
+    base = run(ours, picture, **call)
+    path = tmp_path / "locon.safetensors"
+    save_file(lora_files.kohya_lora(ref.unet, ref.text_encoder, seed=0), str(path))
+    load_both((ours, ref), path)
+    a = run(ours, picture, **call)
+    assert np.abs(a - base).max() > 1e-2, "the LoRA should change the image"
+    assert_close(a, run(ref, picture, **call), TOL, "official kohya LoCon + text encoder")
+    assert_close(run(ours, picture, **call, cross_attention_kwargs={"scale": 0.5}),
+                 run(ref, picture, **call, cross_attention_kwargs={"scale": 0.5}), TOL, "official kohya at scale 0.5")
+    ours.fuse_lora(lora_scale=0.7)
+    ref.fuse_lora(components=["unet", "text_encoder"], lora_scale=0.7)
+    assert_close(run(ours, picture, **call), run(ref, picture, **call), TOL, "official fused at 0.7")
+    del ref
+    gc.collect()
+    ours.unfuse_lora()
+    ours.unload_lora_weights()
+    assert_close(run(ours, picture, **call), base, 0, "official unfuse + unload = original")
