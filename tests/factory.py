@@ -226,3 +226,14 @@ def component_folder(size: str, name: str) -> Path:
     return cached_checkpoint(size, ()) / name
 
 
+
+
+def pipeline_pair(folder):
+    """minidepth's and diffusers' pipelines on the same checkpoint folder, progress bars off (for parity tests)."""
+    from diffusers import StableDiffusionDepth2ImgPipeline as Reference
+
+    from minidepth import StableDiffusionDepth2ImgPipeline
+    pair = StableDiffusionDepth2ImgPipeline.from_pretrained(folder), Reference.from_pretrained(folder)
+    for pipe in pair:
+        pipe.set_progress_bar_config(disable=True)
+    return pair

@@ -22,12 +22,7 @@ CALL = {"prompt": "a red house by the sea", "negative_prompt": "blurry", "num_in
 
 @pytest.fixture(scope="module")
 def pipes(tiny_checkpoint):
-    from diffusers import StableDiffusionDepth2ImgPipeline as Reference
-    ours = StableDiffusionDepth2ImgPipeline.from_pretrained(tiny_checkpoint)
-    ref = Reference.from_pretrained(tiny_checkpoint)
-    for p in (ours, ref):
-        p.set_progress_bar_config(disable=True)
-    return ours, ref
+    return factory.pipeline_pair(tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")

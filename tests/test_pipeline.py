@@ -37,12 +37,7 @@ def assert_close(ours, ref, tol=TOL, what="images"):
 
 @pytest.fixture(scope="module")
 def pipes(tiny_checkpoint):
-    from diffusers import StableDiffusionDepth2ImgPipeline as Reference
-    ours = StableDiffusionDepth2ImgPipeline.from_pretrained(tiny_checkpoint)
-    ref = Reference.from_pretrained(tiny_checkpoint)
-    for p in (ours, ref):
-        p.set_progress_bar_config(disable=True)
-    return ours, ref
+    return factory.pipeline_pair(tiny_checkpoint)
 
 
 def run_both(pipes, scheduler=None, seeds=(0,), **kwargs):

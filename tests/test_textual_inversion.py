@@ -1,5 +1,6 @@
 """Textual inversion against diffusers: A1111 .pt, single-key safetensors, kohya emb_params, multi-vector tokens."""
 
+import factory
 import numpy as np
 import pytest
 import torch
@@ -16,12 +17,7 @@ PROMPT = "a photo of <obj> in <style> style"
 
 @pytest.fixture(scope="module")
 def pipes(tiny_checkpoint):
-    from diffusers import StableDiffusionDepth2ImgPipeline as Reference
-    ours = StableDiffusionDepth2ImgPipeline.from_pretrained(tiny_checkpoint)
-    ref = Reference.from_pretrained(tiny_checkpoint)
-    for p in (ours, ref):
-        p.set_progress_bar_config(disable=True)
-    return ours, ref
+    return factory.pipeline_pair(tiny_checkpoint)
 
 
 def run(pipe, prompt=PROMPT, negative="blurry <style>"):
