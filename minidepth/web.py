@@ -9,6 +9,8 @@ How it behaves:
     lock), so two browser tabs wait for each other instead of sharing the model;
   - a generation is what `minidepth generate` does with the same arguments: the same checks, the same pixels, and the
     same PNG settings (`png_metadata.generation_record` + `png_info`); the images are served as those PNG files;
+  - Mode "ldm" is `generate --mode ldm` (minidepth/ldm_mode.py): the photo padded, not resized; LDM's DDIM grid;
+    switching the mode moves strength and guidance to that mode's defaults when they are still the other's;
   - bad input (no photo, an unreadable file, a value out of range, an image under 8x8, a word not in the prompt) is a
     message in the page (gr.Error), never a crash; silent changes (resize to a multiple of 8, ...) are gr.Warnings;
   - binds 127.0.0.1 (this machine only) unless --host says otherwise; a public gradio.live link only with --share.
@@ -97,9 +99,11 @@ class Studio:
 
     def generate(self, photo: str | None, prompt: str, negative_prompt: str, strength: float, steps: int,
                  guidance: float, seed, scheduler: str, num_images: int, depth_file: str | None, words: str,
-                 filmstrip: bool, warn=None, progress=None) -> dict:
-        """Check everything first (CLIError), then generate. Returns {"images": [PNG paths], "seed": first seed,
-        "depth": PNG path, "filmstrip": PNG path or None, "attention": [(PNG path, caption)]}."""
+                 filmstrip: bool, mode: str = "diffusers", crop_padding: bool = False, warn=None,
+                 progress=None) -> dict:
+        """Check everything first (CLIError), then generate; mode="ldm" (+ crop_padding) as `generate --mode ldm`.
+        Returns {"images": [PNG paths], "seed": first seed, "depth": PNG path, "filmstrip": PNG path or None,
+        "attention": [(PNG path, caption)]}."""
         from .cli_files import open_image, read_depth_map
         warn = warn or self.console.warn
         progress = (lambda *a, **k: None) if progress is None else progress  # not `or`: gr.Progress has a len()
@@ -110,11 +114,19 @@ class Studio:
         s = {**GENERATE_DEFAULTS, "image": [photo], "prompt": prompt or "", "negative_prompt": negative_prompt or None,
              "strength": float(strength), "steps": int(steps), "guidance": float(guidance), "seed": seed,
              "scheduler": key, "depth_map": depth_file or None, "model": self.model, "variant": self.variant,
-             "revision": self.revision, "dtype": self.dtype}
-        num_images = int(num_images)
+             "revision": self.revision, "dtype": self.dtype, "mode": mode or "diffusers",
+             "crop_padding": bool(crop_padding)}
+        num_images, ldm = int(num_images), s["mode"] == "ldm"
+        if crop_padding and not ldm:
+            raise CLIError("--crop-padding only applies with --mode ldm (the diffusers mode does not pad)", code=2)
         from .cli_args import check_generate
         check_generate(s, num_images, self.max_steps)
         words = [w.strip() for w in (words or "").split(",") if w.strip()]
+        if ldm and (words or filmstrip):  # both follow the diffusers pipeline's denoising loop
+            warn("the filmstrip and attention maps are not recorded in ldm mode")
+            words, filmstrip = [], False
+        if ldm and key:
+            warn(f"--scheduler {key} is ignored with --mode ldm (LDM's own DDIM sampler)")
         if words:
             from .inside.attention_maps import check_words
             try:
@@ -126,7 +138,7 @@ class Studio:
 
         image = open_image(photo, _Warnings(warn), option="photo")
         w, h = image.size
-        size = (w - w % 8, h - h % 8)
+        size = (w, h) if ldm else (w - w % 8, h - h % 8)  # ldm pads (to multiples of 64) instead
         if min(size) < 8:
             raise CLIError(f"the photo is {w}x{h} pixels; it must be at least 8x8")
         if size != (w, h):
@@ -164,13 +176,17 @@ class Studio:
         pipe.scheduler = self.scheduler(s["scheduler"])
         key = s["scheduler"] or next((k for k, (cls, over) in SCHEDULERS.items()
                                       if cls == type(pipe.scheduler).__name__ and not over), None)
-        sampler = A1111_NAMES.get(key, type(pipe.scheduler).__name__)
+        sampler = "DDIM" if s["mode"] == "ldm" else A1111_NAMES.get(key, type(pipe.scheduler).__name__)
+        ldm = {"mode": "ldm", "crop_padding": s["crop_padding"]} if s["mode"] == "ldm" else {}  # pipe(**ldm)
         image = to_rgb(photo_image)
         if image.size != size:
             image = image.resize(size, resample=1)  # 1 = LANCZOS, as `generate` and the pipeline resize
         generators = [torch.Generator(device).manual_seed(x) for x in seeds]
         depth_map = torch.from_numpy(depth_array)[None] if depth_array is not None else None
         estimated, calls = [], {"total": 1}
+        if ldm:  # LDM's loop does not go through pipe.denoise: t_enc UNet calls
+            from .ldm_mode import t_enc_for
+            calls["total"] = t_enc_for(s["strength"], s["steps"])
         progress(0, desc="estimating depth")
 
         def on_step(pipe, i, t, tensors):  # the pipeline's callback after each UNet call: one tick of the bar
@@ -188,12 +204,14 @@ class Studio:
                               num_inference_steps=s["steps"], guidance_scale=s["guidance"],
                               negative_prompt=s["negative_prompt"], num_images_per_prompt=num_images, eta=s["eta"],
                               clip_skip=s["clip_skip"], generator=generators[0] if num_images == 1 else generators,
-                              callback_on_step_end=on_step)
+                              callback_on_step_end=on_step, **ldm)
             except (ValueError, TypeError) as e:  # the pipeline's own checks
                 raise CLIError(str(e), code=2) from e
             progress(1.0, desc="saving")
             record = generation_record(s, sampler=sampler, size=result.images[0].size, image_path=photo_path,
                                        model=self.model, device=device)
+            if ldm:
+                record["mode"] = "ldm"  # as `generate --mode ldm`: restored by --from
             out = {"seed": seed, "images": [], "attention": [], "filmstrip": None}
             for i, (img, x) in enumerate(zip(result.images, seeds)):
                 path = folder / f"minidepth-{x}.png"
@@ -230,13 +248,15 @@ def build_app(studio: Studio):
     import gradio as gr
 
     def generate(photo, prompt, negative_prompt, strength, steps, guidance, seed, scheduler, num_images, depth_file,
-                 words, filmstrip, progress=gr.Progress()):  # noqa: B008 (gradio's way to ask for a bar)
+                 words, filmstrip, mode="diffusers", crop_padding=False,
+                 progress=gr.Progress()):  # noqa: B008 (gradio's way to ask for a bar)
         def warn(message):
             studio.console.warn(message)
             gr.Warning(page_message(message))
         try:
             out = studio.generate(photo, prompt, negative_prompt, strength, steps, guidance, seed, scheduler,
-                                  num_images, depth_file, words, filmstrip, warn=warn, progress=progress)
+                                  num_images, depth_file, words, filmstrip, mode, crop_padding, warn=warn,
+                                  progress=progress)
         except CLIError as e:
             studio.console.warn(f"refused: {e}")
             message = page_message(e)
@@ -275,6 +295,13 @@ def build_app(studio: Studio):
                     reuse = gr.Button("reuse last seed", size="sm")
                     scheduler = gr.Dropdown([OWN_SCHEDULER, *SCHEDULERS], value=OWN_SCHEDULER, label="Scheduler",
                                             elem_id="scheduler")
+                with gr.Row():
+                    mode = gr.Radio(["diffusers", "ldm"], value="diffusers", label="Mode", elem_id="mode",
+                                    info="ldm: as Stability's original depth2img script: the photo padded to multiples "
+                                         "of 64 instead of resized, its MiDaS preprocessing and LDM's DDIM timestep "
+                                         "grid (the scheduler is ignored; no own depth map)")
+                    crop = gr.Checkbox(value=False, label="crop the padding (ldm: outputs at the photo's size)",
+                                       interactive=False, elem_id="crop-padding")
                 with gr.Accordion("Depth map and a look inside", open=True):
                     depth_file = gr.File(label="Own depth map (optional: grey PNG, brighter = nearer, or .npy)",
                                          file_types=["image", ".npy"], elem_id="depth-file")
@@ -295,12 +322,23 @@ def build_app(studio: Studio):
                 attention_out = gr.Gallery(label="Attention maps per word", columns=3, format="png",
                                            elem_id="attention")
         _say_which_input({"photo": photo, "strength": strength, "steps": steps, "guidance": guidance, "seed": seed,
-                          "number of images": num_images}, gr)
+                          "number of images": num_images, "mode": mode}, gr)
+
+        def switch_mode(chosen, strength_now, guidance_now):  # a value still at the other mode's default follows
+            from .cli_args import LDM_DEFAULTS
+            ldm = chosen == "ldm"
+            old, new = (GENERATE_DEFAULTS, LDM_DEFAULTS) if ldm else (LDM_DEFAULTS, GENERATE_DEFAULTS)
+            return (new["strength"] if strength_now == old["strength"] else strength_now,
+                    new["guidance"] if guidance_now == old["guidance"] else guidance_now,
+                    gr.Checkbox(interactive=ldm) if ldm else gr.Checkbox(value=False, interactive=False),
+                    gr.Checkbox(value=not ldm, interactive=not ldm), gr.Textbox(interactive=not ldm))
+        mode.change(switch_mode, inputs=[mode, strength, guidance],
+                    outputs=[strength, guidance, crop, filmstrip, words], api_name=False, queue=False)
         dice.click(lambda: -1, outputs=seed, api_name=False, queue=False)
         reuse.click(lambda used: int(used) if used else -1, inputs=seed_used, outputs=seed, api_name=False,
                     queue=False)
         run_button.click(generate, inputs=[photo, prompt, negative, strength, steps, guidance, seed, scheduler,
-                                           num_images, depth_file, words, filmstrip],
+                                           num_images, depth_file, words, filmstrip, mode, crop],
                          outputs=[gallery, seed_used, files, depth_out, film_out, attention_out], api_name="generate")
     return demo
 

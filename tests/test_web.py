@@ -314,6 +314,35 @@ def test_client_api_own_depth_map_and_several_images(client, folder):
                        api_name="/generate")
 
 
+def test_client_api_ldm_mode_equals_cli(client, folder, checkpoint):
+    """Mode "ldm" + "crop the padding" = `minidepth generate --mode ldm --crop-padding` (same seed, steps, strength,
+    guidance): the same pixels and the same record; ldm with an own depth map is refused in words."""
+    settings = {**SETTINGS, "guidance": 9.0}
+    out = folder / "cli-ldm.png"
+    result = subprocess.run([sys.executable, "-m", "minidepth", "generate", "--model", str(checkpoint), "--image",
+                             str(folder / "photo.png"), "--prompt", PROMPT, "--device", "cpu", "--out", str(out),
+                             "--quiet", "--mode", "ldm", "--crop-padding",
+                             *[x for k, v in settings.items() for x in (f"--{k}", str(v))]],
+                            env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                            text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    images, seed_used, *_ = client.predict(*arguments(folder / "photo.png", guidance=9.0, mode="ldm",
+                                                      crop_padding=True), api_name="/generate")
+    served = Path(images[0]["image"]).read_bytes()
+    assert_served_png(served, out, SETTINGS["seed"])
+    with PIL.Image.open(io.BytesIO(served)) as img, PIL.Image.open(out) as cli:
+        assert img.size == (128, 96) and "Sampler: DDIM" in img.text["parameters"]
+        assert '"mode": "ldm"' in img.text["minidepth"] and '"mode": "ldm"' in cli.text["minidepth"]
+    images, *_ = client.predict(*arguments(folder / "photo.png", guidance=9.0, mode="ldm"), api_name="/generate")
+    assert PIL.Image.open(images[0]["image"]).size == (128, 128)  # padded to multiples of 64, as the script keeps it
+
+    from gradio_client.exceptions import AppError
+    np.save(folder / "ramp.npy", np.linspace(0, 1, 96 * 128, dtype=np.float32).reshape(96, 128))
+    with pytest.raises(AppError, match=r"depth map cannot be used with mode ldm \(the original script always "):
+        client.predict(*arguments(folder / "photo.png", depth_file=handle(folder / "ramp.npy"), mode="ldm"),
+                       api_name="/generate")
+
+
 def handle(path: Path):
     from gradio_client import handle_file
     return handle_file(str(path))
