@@ -110,6 +110,11 @@ def cmd_generate(args, console: Console) -> int:
     s = {**GENERATE_DEFAULTS, **{k: v for k, v in restored.items() if k in GENERATE_DEFAULTS}, **given}
     if s["mode"] == "ldm":  # the original script's defaults where neither the options nor --from set them
         s.update({k: v for k, v in LDM_DEFAULTS.items() if k not in given and k not in restored})
+        seen = [o for o, k in (("--filmstrip", "filmstrip"), ("--filmstrip-every", "filmstrip_every"),
+                               ("--attention-maps", "attention_maps")) if getattr(args, k, None) not in (None, False)]
+        if seen:  # both observe the diffusers denoising loop, which --mode ldm does not run
+            raise CLIError(f"{' and '.join(seen)}: not available with --mode ldm (they record the diffusers "
+                           "denoising loop; LDM mode runs its own)", code=2)
     elif args.crop_padding:
         raise CLIError("--crop-padding only applies with --mode ldm (the diffusers mode does not pad)", code=2)
     if not s["image"]:

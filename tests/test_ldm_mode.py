@@ -304,6 +304,9 @@ def test_cli_mode_ldm(pipe, tmp_path, capsys):
     assert cli.main(base + ["--mode", "ldm", "--steps", "1", "--out", str(tmp_path / "z.png")]) == 2
     assert cli.main(base + ["--mode", "ldm", "--steps", "9", "--out", str(tmp_path / "z.png")]) == 2
     assert "--mode ldm" in capsys.readouterr().err
+    assert cli.main(base + ["--mode", "ldm", "--filmstrip", "--out", str(tmp_path / "f.png")]) == 2
+    assert "--filmstrip: not available with --mode ldm" in capsys.readouterr().err
+    assert not (tmp_path / "f.png").exists()
     out = tmp_path / "ldm.png"
     assert cli.main(base + ["--mode", "ldm", "--crop-padding", "--out", str(out)]) == 0
     expected = pipe("a red house", photo(100, 68, 8), mode="ldm", num_inference_steps=4, crop_padding=True,
