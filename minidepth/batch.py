@@ -127,6 +127,8 @@ def add_parser(sub, formatter_class) -> None:
     p.add_argument("--variant", choices=["fp16"], help="load the half-precision weight files")
     p.add_argument("--revision", help="Hub branch, tag or commit (repo ids only)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="computation precision")
+    p.add_argument("--exact", action="store_true", help="diffusers' kernels, bit-identical images (default: faster "
+                                                         "CPU kernels, within 1e-3; see `pipe.set_exact`)")
     p.add_argument("--device", choices=["cpu", "cuda", "mps"],
                    help="where to run (default: cuda, else mps, else cpu; under torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no information lines")
@@ -191,6 +193,7 @@ def _render(args, console, todo: list[dict], out: Path, part: Path, rank: int, w
         device = f"cuda:{local_rank}"
     pipe = load_pipeline(resolve_model(args.model, variant=args.variant, revision=args.revision), args.variant,
                          args.dtype, device, console)
+    pipe.set_exact(args.exact or pipe.exact)
     pipe.set_progress_bar_config(disable=True)
     base_config = dict(pipe.scheduler.config)
     default_name = next((k for k, (cls, overrides) in SCHEDULERS.items()

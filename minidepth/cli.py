@@ -170,6 +170,7 @@ def cmd_generate(args, console: Console) -> int:
     times = {"load": 0.0, "depth": 0.0, "denoise": 0.0, "decode": 0.0}
     t = time.perf_counter()
     pipe = load_pipeline(root, s["variant"], s["dtype"], "cpu" if args.cpu_offload else device, console)
+    pipe.set_exact(args.exact or pipe.exact)
     if args.cpu_offload:
         pipe.enable_model_cpu_offload(device)
     times["load"] = time.perf_counter() - t

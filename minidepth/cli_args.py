@@ -233,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(g, "load the half-precision weight files (auto-detected for folders that only have them)",
                    restorable=True)
     _run_options(g, unset)
+    g.add_argument("--exact", action="store_true",
+                   help="diffusers' kernels: images bit-identical to diffusers' (default: faster CPU kernels for the "
+                        "same maths, within 1e-3 of them; see `pipe.set_exact`)")
     g.add_argument("--attention-slicing", nargs="?", const="auto", metavar="auto|max|N",
                    help="compute attention in slices to save memory (auto: half the heads at a time)")
     g.add_argument("--vae-slicing", action="store_true", help="decode several images one at a time (less memory)")

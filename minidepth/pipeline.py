@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -26,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import image_processing
+from .fast_kernels import fast_kernels
 from .adapters.lora import lora_scale as scaled_lora
 from .adapters.pipeline import AdaptersMixin
 from .noise import randn_tensor
@@ -51,6 +53,8 @@ class StableDiffusionDepth2ImgPipeline(AdaptersMixin):
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self._offload_device: torch.device | None = None
         self._progress_bar_config: dict = {}
+        # False: fast CPU kernels (fast_kernels.py); True: diffusers' kernels, bit-identical images. See set_exact.
+        self.exact = os.environ.get("MINIDEPTH_EXACT", "0") not in ("", "0")
 
     # ------------------------------------------------------------------------------------------ loading and saving
     @classmethod
@@ -142,17 +146,28 @@ class StableDiffusionDepth2ImgPipeline(AdaptersMixin):
         if device is not None:
             self.to(device)
 
+    def set_exact(self, exact: bool = True) -> None:
+        """`True`: run PyTorch's default kernels, the ones diffusers runs, so images are bit-identical to diffusers'
+        (the parity suite's mode). `False` (the default): on the CPU in float32, faster kernels for the same maths
+        (`minidepth/fast_kernels.py`: oneDNN matmuls, channels-last and im2col convolutions, folded upsampling),
+        which round differently: images differ from the exact ones by well under 1e-3. Other devices and dtypes
+        run the default kernels either way. The environment variable `MINIDEPTH_EXACT=1` makes `True` the default
+        for every pipeline the process creates."""
+        self.exact = bool(exact)
+
     @contextlib.contextmanager
     def _running(self, model: torch.nn.Module):
-        """With CPU offload on: `model` on the accelerator for the duration of the block, back on the CPU after."""
-        if self._offload_device is None:
-            yield model
-            return
-        model.to(self._offload_device)
-        try:
-            yield model
-        finally:
-            model.to("cpu")
+        """Run `model` for the duration of the block: with the fast kernels unless `set_exact(True)`, and with CPU
+        offload on, on the accelerator (back on the CPU after)."""
+        with fast_kernels(enabled=not self.exact):
+            if self._offload_device is None:
+                yield model
+                return
+            model.to(self._offload_device)
+            try:
+                yield model
+            finally:
+                model.to("cpu")
 
     def set_progress_bar_config(self, **kwargs) -> None:
         """Options for the tqdm progress bar, e.g. `disable=True`."""

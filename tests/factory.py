@@ -229,11 +229,13 @@ def component_folder(size: str, name: str) -> Path:
 
 
 def pipeline_pair(folder):
-    """minidepth's and diffusers' pipelines on the same checkpoint folder, progress bars off (for parity tests)."""
+    """minidepth's and diffusers' pipelines on the same checkpoint folder, progress bars off, minidepth in exact mode
+    (diffusers' kernels: bit-identical images; the fast kernels have their own tests) - for parity tests."""
     from diffusers import StableDiffusionDepth2ImgPipeline as Reference
 
     from minidepth import StableDiffusionDepth2ImgPipeline
     pair = StableDiffusionDepth2ImgPipeline.from_pretrained(folder), Reference.from_pretrained(folder)
     for pipe in pair:
         pipe.set_progress_bar_config(disable=True)
+    pair[0].set_exact(True)
     return pair

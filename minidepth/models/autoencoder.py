@@ -165,7 +165,7 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             x = block(x)  # (B, ch[-1], H/8, W/8) after the last
         x = self.mid_block(x)
-        return self.conv_out(F.silu(self.norm_out(x)))  # (B, 2c, H/8, W/8)
+        return self.conv_out(F.silu(self.norm_out(x), inplace=True))  # (B, 2c, H/8, W/8)
 
 
 class Decoder(nn.Module):
@@ -185,7 +185,7 @@ class Decoder(nn.Module):
         x = self.mid_block(self.conv_in(z))  # (B, ch[0], h, w)
         for block in self.up_blocks:
             x = block(x)  # (B, block_out_channels[0], 8h, 8w) after the last
-        return self.conv_out(F.silu(self.norm_out(x)))  # (B, 3, 8h, 8w)
+        return self.conv_out(F.silu(self.norm_out(x), inplace=True))  # (B, 3, 8h, 8w)
 
 
 # ------------------------------------------------------------------------------------------------ the autoencoder

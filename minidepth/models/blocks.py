@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .. import fast_kernels
 from .attention import Attention
 
 
@@ -36,14 +37,16 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))  # (B, out_ch, H, W)
+        # silu in place and `add_` below: the same numbers without allocating a new tensor (for the VAE at 512x512 a
+        # 134-268 MB one, whose fresh pages cost more than the arithmetic); autograd handles both
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))  # (B, out_ch, H, W)
         if self.time_emb_proj is not None:
             if temb is None:
                 raise ValueError("ResnetBlock was built with a time embedding (temb_ch set) but got temb=None")
             h = h + rearrange(self.time_emb_proj(F.silu(temb)), "B C -> B C 1 1")
-        h = self.conv2(F.silu(self.norm2(h)))  # dropout (training only) would sit before conv2
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))  # dropout (training only) would sit before conv2
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return skip + h
+        return h.add_(skip)  # = skip + h
 
 
 class Downsample(nn.Module):
@@ -72,6 +75,8 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        if fast_kernels.can_fold_upsample(x, self.conv, size):  # same maths, 2.25x fewer multiply-adds
+            return fast_kernels.upsample2x_conv3x3(x, self.conv.weight, self.conv.bias)
         if size is None:
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         else:
