@@ -53,11 +53,31 @@ class Probe:
 
     def __init__(self, pipe, device: torch.device):
         self.device, self.times = device, {}
+        self.inputs: dict | None = None  # {stage: [(model, method, args, kwargs) on meta]} while recording
         self._wrap(pipe, "encode_prompt", "text encode")
         self._wrap(pipe, "prepare_depth_map", "depth estimate")
         self._wrap(pipe.vae, "encode", "VAE encode")
         self._wrap(pipe.unet, "forward", "UNet step")  # nn.Module.__call__ looks `forward` up on the instance first
         self._wrap(pipe.vae, "decode", "VAE decode")
+        self._record(pipe.text_encoder, "forward", "text encode")
+        self._record(pipe.depth_estimator, "forward", "depth estimate")
+        for model, method, stage in ((pipe.vae, "encode", "VAE encode"), (pipe.unet, "forward", "UNet step"),
+                                     (pipe.vae, "decode", "VAE decode")):
+            self._record(model, method, stage)
+
+    def _record(self, model, method: str, stage: str):
+        """While `self.inputs` is a dict, keep the shapes (meta tensors) of every call of model.method."""
+        inner = getattr(model, method)
+
+        def recorded(*args, **kwargs):
+            if self.inputs is not None:
+                meta = [torch.empty_like(a, device="meta") if isinstance(a, torch.Tensor) else a for a in args]
+                meta_kw = {k: torch.empty_like(v, device="meta") if isinstance(v, torch.Tensor) else v
+                           for k, v in kwargs.items() if k != "generator"}
+                self.inputs.setdefault(stage, []).append((model, method, meta, meta_kw))
+            return inner(*args, **kwargs)
+
+        setattr(model, method, recorded)
 
     def sync(self):
         if self.device.type == "cuda":
@@ -91,6 +111,23 @@ def flop_counter():
     if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
         extra[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = cpu_flash
     return FlopCounterMode(display=False, custom_mapping=extra)
+
+
+def stage_flops(inputs: dict) -> dict[str, int]:
+    """FLOPs of each stage: its models re-run on the META device (a twin built from the model's config: shapes only,
+    no compute) with the recorded input shapes. The standard algorithm's FLOPs (a convolution counts 2*K*K*Cin per
+    output value, even where minidepth's fast kernels fold an upsampling into fewer multiply-adds)."""
+    from minidepth.checkpoints import build_on_meta
+    flops = {}
+    for stage, calls in inputs.items():
+        total = 0
+        for model, method, args, kwargs in calls:
+            twin = build_on_meta(lambda: type(model)(model.config))
+            with flop_counter() as counter, torch.no_grad():
+                getattr(twin, method)(*args, **kwargs)
+            total += counter.get_total_flops()
+        flops[stage] = total / (len(calls) if stage == "UNet step" else 1)  # per step, like the time
+    return flops
 
 
 def unet_flops(checkpoint: Path, size: int, batch: int) -> dict[str, int]:
@@ -149,15 +186,19 @@ class Memory:
 
 
 def matmul_peak_gflops(device: torch.device, dtype: torch.dtype) -> float:
-    """Best of a few large square matrix products: the practical peak of this device for dense math."""
+    """Best of a few large square matrix products: the practical peak of this device for dense math. On the CPU the
+    best of MKL's (`torch.mm`, AVX2 code on AMD CPUs) and oneDNN's (AVX-512) products."""
     n = 8192 if device.type == "cuda" else 2048
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    products = [torch.mm]
+    if device.type == "cpu" and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        products.append(lambda a, b: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
     best = float("inf")
-    for _ in range(5):
+    for i in range(5 * len(products)):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        torch.mm(a, b)
+        products[i % len(products)](a, b)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - start)
@@ -165,10 +206,14 @@ def matmul_peak_gflops(device: torch.device, dtype: torch.dtype) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ the two pipelines
-def load(name: str, folder: Path, device: torch.device, dtype: torch.dtype):
+def load(name: str, folder: Path, device: torch.device, dtype: torch.dtype, exact: bool = False,
+         compile: bool = False):
     if name == "minidepth":
         from minidepth import StableDiffusionDepth2ImgPipeline
         pipe = StableDiffusionDepth2ImgPipeline.from_pretrained(folder, torch_dtype=dtype, device=device)
+        pipe.set_exact(exact)
+        if compile:
+            pipe.compile()
     else:
         import diffusers
         import transformers
@@ -196,7 +241,7 @@ def worker(args) -> None:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     memory = Memory(device)
     started = time.perf_counter()
-    pipe = load(args.worker, args.checkpoint, device, dtype)
+    pipe = load(args.worker, args.checkpoint, device, dtype, args.exact, args.compile)
     probe = Probe(pipe, device)
     reply.write(json.dumps({"load_s": time.perf_counter() - started, "weights_mb": memory.now()}) + "\n")
     for line in sys.stdin:
@@ -206,6 +251,7 @@ def worker(args) -> None:
             reply.write("{}\n")
         elif request["cmd"] == "run":
             image = photo(request["size"])
+            probe.inputs = {} if request.get("count") else None
             probe.start()
             probe.sync()
             start = time.perf_counter()
@@ -216,7 +262,9 @@ def worker(args) -> None:
             total = time.perf_counter() - start
             np.save(request["out"], np.asarray(out.images[0], dtype=np.float32))
             stages = {k: sum(t) / len(t) if k == "UNet step" else sum(t) for k, t in probe.times.items()}
-            reply.write(json.dumps({"total": total, "peak_mb": memory.peak(), **stages}) + "\n")
+            flops = stage_flops(probe.inputs) if probe.inputs is not None else {}
+            probe.inputs = None
+            reply.write(json.dumps({"total": total, "peak_mb": memory.peak(), "flops": flops, **stages}) + "\n")
 
 
 class Worker:
@@ -225,9 +273,11 @@ class Worker:
         command = [sys.executable, __file__, "--worker", name, "--checkpoint", str(args.checkpoint),
                    "--device", args.device, "--dtype", args.dtype, "--steps", str(args.steps),
                    "--strength", str(args.strength), "--guidance", str(args.guidance), "--seed", str(args.seed),
-                   "--prompt", args.prompt]
+                   "--prompt", args.prompt] + ["--exact"] * args.exact + ["--compile"] * args.compile
+        started = time.perf_counter()
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         self.ready = self._read()
+        self.ready["cold_start_s"] = time.perf_counter() - started  # a fresh interpreter to a loaded pipeline
 
     def _read(self) -> dict:
         line = self.process.stdout.readline()
@@ -257,10 +307,14 @@ def table(size: int, results: dict, flops: dict, peaks: dict, peak_gflops: float
     rows.append(row("end to end (s)", med("minidepth", "total"), med("diffusers", "total"), "{:.3f}"))
     rows.append(row(f"peak {'RSS' if args.device == 'cpu' else 'allocated'} (MB)", peaks["minidepth"],
                     peaks["diffusers"], "{:.0f}"))
-    gflops = {n: flops[n] / med(n, "UNet step") / 1e9 for n in NAMES}
-    rows.append(row("UNet GFLOP/s", gflops["minidepth"], gflops["diffusers"], "{:.1f}"))
-    rows.append(("  share of matmul peak", f"{100 * gflops['minidepth'] / peak_gflops:.0f}%",
-                 f"{100 * gflops['diffusers'] / peak_gflops:.0f}%", ""))
+    stage_flops = results["minidepth"][0].get("flops", {})  # the same maths in both: counted once, on minidepth
+    for stage in STAGES:
+        if stage_flops.get(stage):
+            rate = {n: stage_flops[stage] / med(n, stage) / 1e9 for n in NAMES}
+            rows.append(row(f"{stage} GFLOP/s", rate["minidepth"], rate["diffusers"], "{:.1f}"))
+            rows.append((f"  share of peak ({stage_flops[stage] / 1e9:.1f} GFLOP)",
+                         f"{100 * rate['minidepth'] / peak_gflops:.0f}%", f"{100 * rate['diffusers'] / peak_gflops:.0f}%",
+                         ""))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = [f"### {size}x{size}: {args.steps} steps, strength {args.strength}, guidance {args.guidance}, "
              f"{args.device} {args.dtype}; median of {args.runs} runs; ratio = minidepth / diffusers", "",
@@ -270,7 +324,8 @@ def table(size: int, results: dict, flops: dict, peaks: dict, peak_gflops: float
               for r in rows[1:]]
     batch = 2 if args.guidance > 1 else 1
     lines += ["", f"One UNet call (batch {batch}): {flops['minidepth'] / 1e9:.1f} GFLOP counted on "
-                  f"minidepth, {flops['diffusers'] / 1e9:.1f} on diffusers; matmul peak {peak_gflops:.1f} "
+                  f"minidepth, {flops['diffusers'] / 1e9:.1f} on diffusers (the stage counts above: the same "
+                  f"maths, counted on minidepth's models); matmul peak {peak_gflops:.1f} "
                   f"GFLOP/s. Max pixel difference |minidepth - diffusers| = {pixel_diff:.2e} of the [0, 1] range "
                   f"({pixel_diff * 255:.3f} / 255)."]
     return "\n".join(lines)
@@ -293,6 +348,9 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", type=Path, help="checkpoint folder (default: the random-weight official-size one)")
     p.add_argument("--architecture", choices=["official", "tiny"], default="official",
                    help="size of the random-weight checkpoint when no --checkpoint is given (tiny: a quick smoke test)")
+    p.add_argument("--exact", action="store_true",
+                   help="minidepth in exact mode (pipe.set_exact(True): diffusers' kernels, bit-identical images)")
+    p.add_argument("--compile", action="store_true", help="minidepth with pipe.compile() (torch.compile)")
     p.add_argument("--worker", choices=NAMES, help=argparse.SUPPRESS)  # internal: run as a worker process
     args = p.parse_args(argv)
     if args.worker:
@@ -313,6 +371,14 @@ def main(argv=None) -> int:
             workers[name] = Worker(name, args)
             print(f"{name}: loaded in {workers[name].ready['load_s']:.1f} s; process RSS/allocation after loading "
                   f"{workers[name].ready['weights_mb']:.0f} MB", file=sys.stderr)
+        ready = {n: workers[n].ready for n in NAMES}
+        print("### Loading\n\n|                      | minidepth | diffusers | ratio |\n|---|---|---|---|")
+        for key, label in (("cold_start_s", "cold start (s): a fresh process, imports included, to a loaded pipeline"),
+                           ("load_s", "load (s): library imports + from_pretrained"),
+                           ("weights_mb", "RSS after loading (MB)")):
+            a, b = ready["minidepth"][key], ready["diffusers"][key]
+            print(f"| {label} | {a:.1f} | {b:.1f} | {a / b:.2f}x |")
+        print(flush=True)
         peak_gflops = matmul_peak_gflops(device, dtype)
         print(f"matmul peak: {peak_gflops:.1f} GFLOP/s ({args.dtype})", file=sys.stderr)
         with tempfile.TemporaryDirectory() as tmp:
@@ -330,7 +396,8 @@ def main(argv=None) -> int:
                 for run in range(args.runs):
                     for name in NAMES if run % 2 == 0 else NAMES[::-1]:
                         images[name].append(f"{tmp}/{name}-{size}-{run}.npy")
-                        results[name].append(workers[name](cmd="run", size=size, out=images[name][-1]))
+                        results[name].append(workers[name](cmd="run", size=size, out=images[name][-1],
+                                                           count=name == "minidepth" and run == 0))
                         print(f"{size}: {name} run {run + 1}: {results[name][-1]['total']:.2f} s", file=sys.stderr)
                 peaks = {n: max(r["peak_mb"] for r in results[n]) for n in NAMES}
                 peak_gflops = max(peak_gflops, matmul_peak_gflops(device, dtype))  # best seen: less load noise

@@ -129,6 +129,7 @@ def add_parser(sub, formatter_class) -> None:
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="computation precision")
     p.add_argument("--exact", action="store_true", help="diffusers' kernels, bit-identical images (default: faster "
                                                          "CPU kernels, within 1e-3; see `pipe.set_exact`)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (the first job compiles)")
     p.add_argument("--device", choices=["cpu", "cuda", "mps"],
                    help="where to run (default: cuda, else mps, else cpu; under torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no information lines")
@@ -194,6 +195,8 @@ def _render(args, console, todo: list[dict], out: Path, part: Path, rank: int, w
     pipe = load_pipeline(resolve_model(args.model, variant=args.variant, revision=args.revision), args.variant,
                          args.dtype, device, console)
     pipe.set_exact(args.exact or pipe.exact)
+    if args.compile:
+        pipe.compile()
     pipe.set_progress_bar_config(disable=True)
     base_config = dict(pipe.scheduler.config)
     default_name = next((k for k, (cls, overrides) in SCHEDULERS.items()

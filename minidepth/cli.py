@@ -170,7 +170,9 @@ def cmd_generate(args, console: Console) -> int:
     times = {"load": 0.0, "depth": 0.0, "denoise": 0.0, "decode": 0.0}
     t = time.perf_counter()
     pipe = load_pipeline(root, s["variant"], s["dtype"], "cpu" if args.cpu_offload else device, console)
-    pipe.set_exact(args.exact or pipe.exact)
+    pipe.set_exact(getattr(args, "exact", False) or pipe.exact)
+    if getattr(args, "compile", False):
+        pipe.compile()
     if args.cpu_offload:
         pipe.enable_model_cpu_offload(device)
     times["load"] = time.perf_counter() - t
@@ -311,7 +313,7 @@ def cmd_depth(args, console: Console) -> int:
                                           dtype=getattr(torch, DTYPES[args.dtype]))
     processor = DPTImageProcessor.from_pretrained(root / "feature_extractor")
     image = to_rgb(photo)
-    depth = estimate_depth(image, model, processor)  # (1, 384, 384), larger = nearer
+    depth = estimate_depth(image, model, processor, exact=False)  # (1, 384, 384), larger = nearer; as generate
     save_atomic(depth_image(depth, image.size), Path(args.out), args.overwrite)
     print(args.out)
     if args.raw:

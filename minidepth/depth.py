@@ -243,12 +243,15 @@ def _pil_resize(a: np.ndarray, size: tuple[int, int], resample) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------ estimating depth
 def estimate_depth(image, model, processor: DPTImageProcessor | None = None, *, device=None,
-                   dtype: torch.dtype | None = None) -> torch.Tensor:
+                   dtype: torch.dtype | None = None, exact: bool | None = None) -> torch.Tensor:
     """Raw DPT output for image(s): (B, 384, 384) relative inverse depth (near = large, >= 0, arbitrary scale).
-    `pixel_values` are cast to `dtype` (default: the model's) and moved to `device` (default: the model's)."""
+    `pixel_values` are cast to `dtype` (default: the model's) and moved to `device` (default: the model's).
+    `exact=False`: the fast CPU kernels, as the pipeline runs by default (the same numbers as its depth estimate);
+    `True`: PyTorch's default kernels, as in transformers; `None`: whichever the caller has on (a pipeline step)."""
+    from .fast_kernels import fast_kernels
     pixel_values = (processor or DPTImageProcessor())(image)
     pixel_values = pixel_values.to(device=device or model.device, dtype=dtype or model.dtype)
-    with torch.no_grad():
+    with torch.no_grad(), (contextlib.nullcontext() if exact is None else fast_kernels(enabled=not exact)):
         return model(pixel_values)
 
 

@@ -377,33 +377,37 @@ def _compare_traces(ours: _Trace, ref: _Trace, tolerance: float) -> list[Stage]:
 def compare(model, reference_model=None, *, image, prompt: str, negative_prompt: str | None = None,
             steps: int = 10, strength: float = 0.8, guidance_scale: float = 7.5, eta: float = 0.0,
             scheduler: str | None = None, seed: int = 0, dtype: str = "fp32", device: str = "cpu",
-            tolerance: float | None = None, drill: bool = True) -> ParityReport:
+            tolerance: float | None = None, drill: bool = True, fast: bool = False) -> ParityReport:
     """Run minidepth on `model` and diffusers on `reference_model` (default: `model`) with the same inputs and
     generators, compare every stage (see the module docstring), drill into the network of the first stage beyond
     `tolerance` (default: `default_tolerance(device, dtype)`). `model` / `reference_model`: a checkpoint folder or an
-    already loaded pipeline; `image`: a path or a PIL image."""
+    already loaded pipeline; `image`: a path or a PIL image. minidepth runs in exact mode (`pipe.set_exact(True)`,
+    diffusers' kernels) unless `fast=True`: then with its default fast CPU kernels, and a default tolerance of 1e-3."""
     import PIL.Image
 
     from .image_processing import to_rgb
     versions = require_references()
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    tolerance = default_tolerance(device, dtype) if tolerance is None else tolerance
+    if tolerance is None:
+        tolerance = max(default_tolerance(device, dtype), 1e-3 if fast else 0.0)
     photo = to_rgb(PIL.Image.open(image) if isinstance(image, (str, os.PathLike)) else image)
     ours, ref = load_pipelines(model, reference_model, dtype, device)
-    saved = ours.scheduler, ref.scheduler  # given pipelines keep their own schedulers
+    saved = ours.scheduler, ref.scheduler  # given pipelines keep their own schedulers (and kernel mode)
+    saved_exact, ours.exact = ours.exact, not fast
     _set_scheduler(ours, ref, scheduler)
     name = lambda x: str(x) if isinstance(x, (str, os.PathLike)) else type(x).__name__
     s = {"model": name(model), "reference_model": name(model if reference_model is None else reference_model),
          "prompt": prompt, "negative_prompt": negative_prompt, "steps": steps,
          "strength": strength, "guidance_scale": guidance_scale, "eta": eta,
          "scheduler": scheduler or type(ref.scheduler).__name__, "seed": seed, "dtype": dtype, "device": device,
-         "size": list(photo.size), "tolerance": tolerance}
+         "size": list(photo.size), "tolerance": tolerance, "kernels": "fast" if fast else "exact"}
     try:
         traces = [trace(pipe, photo, s, torch.Generator(device).manual_seed(seed))
                   for trace, pipe in ((trace_minidepth, ours), (trace_diffusers, ref))]
     finally:
         ours.scheduler, ref.scheduler = saved
+        ours.exact = saved_exact
     stages = _compare_traces(*traces, tolerance)
     report = ParityReport(stages, s, versions, images=(traces[0].stages["image"], traces[1].stages["image"]))
     first = report.first_failure

@@ -43,6 +43,9 @@ def add_parser(sub, formatter_class) -> None:
     p.add_argument("--device", choices=["cpu", "cuda", "mps"], default="cpu")
     p.add_argument("--tolerance", type=float, metavar="T",
                    help="allowed max relative difference for every stage (default: per device and dtype, see above)")
+    p.add_argument("--fast", action="store_true",
+                   help="run minidepth with its default fast CPU kernels instead of exact mode (default tolerance "
+                        "then 1e-3): how far the default is from diffusers")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON ({\"stages\": [...], ...})")
     p.add_argument("--save-diff", metavar="PNG", help="write a heat map of |difference| of the decoded image")
     p.add_argument("--overwrite", action="store_true", help="replace --json / --save-diff files that exist")
@@ -106,7 +109,7 @@ def run(args, console=None) -> int:
     report = parity.compare(model, reference, image=args.image, prompt=args.prompt,
                             negative_prompt=args.negative_prompt, steps=args.steps, strength=args.strength,
                             guidance_scale=args.guidance, eta=args.eta, scheduler=args.scheduler, seed=args.seed,
-                            dtype=args.dtype, device=args.device, tolerance=args.tolerance)
+                            dtype=args.dtype, device=args.device, tolerance=args.tolerance, fast=args.fast)
     print(report.table())
     print(report.summary())
     if args.json:

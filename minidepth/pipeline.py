@@ -155,11 +155,19 @@ class StableDiffusionDepth2ImgPipeline(AdaptersMixin):
         for every pipeline the process creates."""
         self.exact = bool(exact)
 
+    def compile(self, **options) -> None:
+        """`torch.compile` the UNet (`nn.Module.compile`, in place; `options` go to torch.compile, e.g.
+        `mode="max-autotune"`). The first call compiles (on a CPU: minutes), later calls with the same shapes run
+        the compiled code: worth it for many images of one size (benchmarks/README.md has numbers). The compiled UNet
+        runs inductor's kernels, not the fast kernels; `set_exact` does not apply to it."""
+        self.unet.compile(**options)
+
     @contextlib.contextmanager
     def _running(self, model: torch.nn.Module):
         """Run `model` for the duration of the block: with the fast kernels unless `set_exact(True)`, and with CPU
         offload on, on the accelerator (back on the CPU after)."""
-        with fast_kernels(enabled=not self.exact):
+        compiled = getattr(model, "_compiled_call_impl", None) is not None  # see compile()
+        with fast_kernels(enabled=not self.exact and not compiled):
             if self._offload_device is None:
                 yield model
                 return

@@ -115,7 +115,8 @@ def test_save_depth_and_grid(generated, pipe):
     out = pixels(folder / "cabin.png")
     assert depth.shape == (64, 96, 3), depth.shape  # the output's size, in colour
     assert depth.std(axis=(0, 1)).min() > 0, "depth image is flat"
-    raw = estimate_depth(PIL.Image.open(generated[0] / "in.png"), pipe.depth_estimator, pipe.feature_extractor)
+    raw = estimate_depth(PIL.Image.open(generated[0] / "in.png"), pipe.depth_estimator, pipe.feature_extractor,
+                         exact=False)  # generate runs the fast kernels
     assert_same_pixels(depth, colorize_depth(resized_depth(raw, 96, 64)), "saved depth vs estimate_depth")
     # photo | depth | output, in a 2-pixel white border, with a 15-pixel caption strip under the tiles
     assert grid.shape == (2 + 64 + 15 + 2, 2 + 3 * (96 + 2), 3), grid.shape
@@ -165,7 +166,7 @@ def test_depth_command(work, depth_files):
     folder, model = work
     dpt = DPTDepthModel.from_pretrained(model / "depth_estimator")
     processor = DPTImageProcessor.from_pretrained(model / "feature_extractor")
-    raw = estimate_depth(PIL.Image.open(folder / "in.png"), dpt, processor)
+    raw = estimate_depth(PIL.Image.open(folder / "in.png"), dpt, processor, exact=False)  # as the command
     raw = resized_depth(raw, 100, 68)  # the input's size
     assert_same_pixels(pixels(folder / "d.png"), colorize_depth(raw), "depth --out vs estimate_depth")
     with PIL.Image.open(folder / "d16.png") as img:

@@ -31,6 +31,7 @@ from minidepth.ldm_mode import (
 def pipe():
     p = StableDiffusionDepth2ImgPipeline.from_pretrained(factory.cached_checkpoint("tiny"))
     p.set_progress_bar_config(disable=True)
+    p.set_exact(True)  # compared with references built from the same models, called directly (exact kernels)
     return p
 
 
@@ -308,7 +309,7 @@ def test_cli_mode_ldm(pipe, tmp_path, capsys):
     assert "--filmstrip: not available with --mode ldm" in capsys.readouterr().err
     assert not (tmp_path / "f.png").exists()
     out = tmp_path / "ldm.png"
-    assert cli.main(base + ["--mode", "ldm", "--crop-padding", "--out", str(out)]) == 0
+    assert cli.main(base + ["--mode", "ldm", "--crop-padding", "--exact", "--out", str(out)]) == 0  # as `pipe`
     expected = pipe("a red house", photo(100, 68, 8), mode="ldm", num_inference_steps=4, crop_padding=True,
                     generator=torch.Generator().manual_seed(5)).images[0]
     with PIL.Image.open(out) as img:

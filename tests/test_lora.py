@@ -278,9 +278,7 @@ def test_official_size_kohya_locon_text_encoder_and_fuse(tmp_path):
     import gc
     from diffusers import StableDiffusionDepth2ImgPipeline as Reference
     folder = factory.cached_checkpoint("official")
-    ours, ref = StableDiffusionDepth2ImgPipeline.from_pretrained(folder), Reference.from_pretrained(folder)
-    for p in (ours, ref):
-        p.set_progress_bar_config(disable=True)
+    ours, ref = factory.pipeline_pair(folder)
     picture = photo(64, 64, seed=3)
     call = {**CALL, "num_inference_steps": 2}
     base = run(ours, picture, **call)

@@ -1,0 +1,143 @@
+"""The fast CPU kernels (minidepth/fast_kernels.py, the pipeline's default) against the exact ones (diffusers' kernels):
+kernel by kernel, model by model, and whole images for every scheduler. The bound for images is the issue's 1e-3."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import factory
+import parity
+from minidepth import StableDiffusionDepth2ImgPipeline
+from minidepth import fast_kernels as fk
+from minidepth import schedulers
+from test_pipeline import SCHEDULERS, photo
+
+pytestmark = pytest.mark.skipif(not fk.available(), reason="this torch has no oneDNN")
+
+
+def assert_near(fast, exact, tol, what, relative=False):
+    """max|fast - exact| <= tol (relative: tol * max|exact|, for kernels whose outputs are far from 1)."""
+    fast, exact = (np.asarray(t.detach() if isinstance(t, torch.Tensor) else t, dtype=np.float64) for t in (fast, exact))
+    assert fast.shape == exact.shape, f"{what}: shape {fast.shape} != {exact.shape}"
+    tol = tol * np.abs(exact).max() if relative else tol
+    diff = np.abs(fast - exact)
+    parity.record(f"fast vs exact: {what}", float(diff.max()), float(diff.mean()))
+    assert diff.max() <= tol, f"{what}: max abs diff {diff.max():.3g} (mean {diff.mean():.3g}) > {tol}"
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+@pytest.mark.parametrize("shape", [(2, 7, 48), (33, 48)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear(shape, bias):
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(*shape, generator=g), torch.randn(24, 48, generator=g)
+    b = torch.randn(24, generator=g) if bias else None
+    with torch.no_grad(), fk.fast_kernels():
+        fast = F.linear(x, w, b)
+    assert_near(fast, F.linear(x, w, b), 1e-5, f"linear {shape}", relative=True)
+
+
+@pytest.mark.parametrize("shape,kernel,stride,padding", [
+    ((2, 16, 4, 4), 3, 1, 1),      # lowest resolution: im2col + matrix product
+    ((2, 16, 8, 7), 3, 1, 1),
+    ((1, 8, 130, 129), 3, 1, 1),   # >= 128x128 positions: channels-last
+    ((1, 8, 130, 129), 1, 1, 0),
+    ((1, 8, 131, 129), 3, 2, 0),   # the VAE's stride-2 downsampling
+    ((2, 16, 20, 20), 3, 1, 1),    # in between: unchanged
+])
+def test_conv2d(shape, kernel, stride, padding):
+    g = torch.Generator().manual_seed(1)
+    x, w, b = (torch.randn(*shape, generator=g), torch.randn(12, shape[1], kernel, kernel, generator=g),
+               torch.randn(12, generator=g))
+    with torch.no_grad(), fk.fast_kernels():
+        fast = F.conv2d(x, w, b, stride, padding)
+    assert_near(fast, F.conv2d(x, w, b, stride, padding), 1e-5, f"conv2d {shape} k{kernel} s{stride}", relative=True)
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 16, 16), (1, 5, 17, 23), (1, 4, 64, 70)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_folded_upsampling(shape, bias):
+    """nearest 2x + 3x3 conv == four 2x2 phase convolutions (NCHW below 128x128 output positions, NHWC above)."""
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(*shape, generator=g), torch.randn(7, shape[1], 3, 3, generator=g)
+    b = torch.randn(7, generator=g) if bias else None
+    exact = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), w, b, padding=1)
+    with torch.no_grad(), fk.fast_kernels():
+        fast = fk.upsample2x_conv3x3(x, w, b)
+    assert_near(fast, exact, 1e-5, f"folded upsampling {shape}", relative=True)
+
+
+def test_autograd_and_other_dtypes_run_the_exact_kernels():
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(5, 8, generator=g), torch.randn(4, 8, generator=g, requires_grad=True)
+    with fk.fast_kernels():
+        assert torch.equal(F.linear(x, w), F.linear(x, w))  # recorded by autograd: the plain kernel
+        assert F.linear(x.double(), w.detach().double()).dtype == torch.float64
+        assert fk.active()
+    assert not fk.active()
+
+
+# ------------------------------------------------------------------------------------------------ models and images
+@pytest.fixture(scope="module")
+def pipe(tiny_checkpoint):
+    pipe = StableDiffusionDepth2ImgPipeline.from_pretrained(tiny_checkpoint)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def fast_and_exact(pipe, call):
+    out = {}
+    for exact in (False, True):
+        pipe.set_exact(exact)
+        with torch.no_grad(), pipe._running(pipe.unet):
+            out[exact] = call()
+    pipe.set_exact(False)
+    return out[False], out[True]
+
+
+def test_models_fast_vs_exact(pipe):
+    g = torch.Generator().manual_seed(4)
+    latents, image = torch.randn(2, 5, 16, 16, generator=g), torch.randn(1, 3, 128, 128, generator=g)
+    pixels = torch.randn(1, 3, 64, 64, generator=g)
+    context = pipe.text_encoder(torch.randint(0, 99, (2, 77), generator=g)).last_hidden_state
+    for what, call in [("UNet", lambda: pipe.unet(latents, 500, context)),
+                       ("VAE encode", lambda: pipe.vae.encode(image).mean),
+                       ("VAE decode", lambda: pipe.vae.decode(latents[:1, :4])),
+                       ("text encoder", lambda: pipe.text_encoder(torch.arange(77)[None] % 99).last_hidden_state),
+                       ("DPT", lambda: pipe.depth_estimator(pixels))]:
+        fast, exact = fast_and_exact(pipe, call)
+        assert_near(fast, exact, 1e-4, what, relative=True)
+
+
+def test_default_is_fast_and_the_environment_can_make_it_exact(tiny_checkpoint, monkeypatch):
+    assert StableDiffusionDepth2ImgPipeline.from_pretrained(tiny_checkpoint).exact is False
+    monkeypatch.setenv("MINIDEPTH_EXACT", "1")
+    assert StableDiffusionDepth2ImgPipeline.from_pretrained(tiny_checkpoint).exact is True
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS, ids=lambda s: s[0] + "".join(f"-{k}" for k in s[1]))
+def test_every_scheduler_fast_vs_exact(pipe, scheduler):
+    """128x128 images, so that every fast path runs: im2col at the UNet's 4x4 level, folded upsampling and
+    channels-last convolutions in the VAE."""
+    name, overrides = scheduler
+    saved = pipe.scheduler
+    pipe.scheduler = getattr(schedulers, name).from_config({**dict(saved.config), **overrides})
+    try:
+        fast, exact = fast_and_exact(pipe, lambda: pipe(
+            prompt="a house", image=photo(128, 128, 5), num_inference_steps=4, strength=0.9, output_type="np",
+            generator=torch.Generator().manual_seed(0)).images)
+    finally:
+        pipe.scheduler = saved
+    assert_near(fast, exact, 1e-3, f"images, {name}{overrides or ''}")
+
+
+@pytest.mark.official
+def test_official_size_fast_vs_exact():
+    """The real architecture at 256x256: every fast path at the sizes it was tuned for."""
+    pipe = StableDiffusionDepth2ImgPipeline.from_pretrained(factory.cached_checkpoint("official"))
+    pipe.set_progress_bar_config(disable=True)
+    fast, exact = fast_and_exact(pipe, lambda: pipe(
+        prompt="a red house", image=photo(256, 256, 3), num_inference_steps=2, output_type="np",
+        generator=torch.Generator().manual_seed(0)).images)
+    assert_near(fast, exact, 1e-3, "images, official size 256x256")
