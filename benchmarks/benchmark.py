@@ -66,15 +66,13 @@ class Probe:
             self._record(model, method, stage)
 
     def _record(self, model, method: str, stage: str):
-        """While `self.inputs` is a dict, keep the shapes (meta tensors) of every call of model.method."""
+        """While `self.inputs` is a dict, keep the arguments of every call of model.method."""
         inner = getattr(model, method)
 
         def recorded(*args, **kwargs):
             if self.inputs is not None:
-                meta = [torch.empty_like(a, device="meta") if isinstance(a, torch.Tensor) else a for a in args]
-                meta_kw = {k: torch.empty_like(v, device="meta") if isinstance(v, torch.Tensor) else v
-                           for k, v in kwargs.items() if k != "generator"}
-                self.inputs.setdefault(stage, []).append((model, method, meta, meta_kw))
+                kept = {k: v for k, v in kwargs.items() if k != "generator"}
+                self.inputs.setdefault(stage, []).append((model, method, args, kept))
             return inner(*args, **kwargs)
 
         setattr(model, method, recorded)
@@ -115,16 +113,22 @@ def flop_counter():
 
 def stage_flops(inputs: dict) -> dict[str, int]:
     """FLOPs of each stage: its models re-run on the META device (a twin built from the model's config: shapes only,
-    no compute) with the recorded input shapes. The standard algorithm's FLOPs (a convolution counts 2*K*K*Cin per
-    output value, even where minidepth's fast kernels fold an upsampling into fewer multiply-adds)."""
+    no compute) with the recorded input shapes; a model that looks at its input values (the text encoder checks its
+    token ids) is re-run for real instead. The standard algorithm's FLOPs (a convolution counts 2*K*K*Cin per output
+    value, even where minidepth's fast kernels fold an upsampling into fewer multiply-adds)."""
     from minidepth.checkpoints import build_on_meta
+    meta = lambda x: torch.empty_like(x, device="meta") if isinstance(x, torch.Tensor) else x
     flops = {}
     for stage, calls in inputs.items():
         total = 0
         for model, method, args, kwargs in calls:
-            twin = build_on_meta(lambda: type(model)(model.config))
-            with flop_counter() as counter, torch.no_grad():
-                getattr(twin, method)(*args, **kwargs)
+            twin = build_on_meta(lambda m=model: type(m)(m.config))
+            try:
+                with flop_counter() as counter, torch.no_grad():
+                    getattr(twin, method)(*map(meta, args), **{k: meta(v) for k, v in kwargs.items()})
+            except (RuntimeError, NotImplementedError):  # data-dependent: count a real call
+                with flop_counter() as counter, torch.no_grad():
+                    getattr(model, method)(*args, **kwargs)
             total += counter.get_total_flops()
         flops[stage] = total / (len(calls) if stage == "UNet step" else 1)  # per step, like the time
     return flops
@@ -134,6 +138,7 @@ def unet_flops(checkpoint: Path, size: int, batch: int) -> dict[str, int]:
     """FLOPs of one UNet call on a (batch, 5, size/8, size/8) input, counted on the META device (shapes only, no
     compute, no memory), for both implementations built from the checkpoint's unet/config.json."""
     import diffusers
+
     from minidepth.checkpoints import build_on_meta
     from minidepth.checkpoints.diffusers_format import unet_config_from_dict
     from minidepth.models.unet import UNet
@@ -262,8 +267,8 @@ def worker(args) -> None:
             total = time.perf_counter() - start
             np.save(request["out"], np.asarray(out.images[0], dtype=np.float32))
             stages = {k: sum(t) / len(t) if k == "UNet step" else sum(t) for k, t in probe.times.items()}
-            flops = stage_flops(probe.inputs) if probe.inputs is not None else {}
-            probe.inputs = None
+            recorded, probe.inputs = probe.inputs, None
+            flops = stage_flops(recorded) if recorded is not None else {}
             reply.write(json.dumps({"total": total, "peak_mb": memory.peak(), "flops": flops, **stages}) + "\n")
 
 
@@ -331,6 +336,18 @@ def table(size: int, results: dict, flops: dict, peaks: dict, peak_gflops: float
     return "\n".join(lines)
 
 
+def loading_table(starts: dict, runs: int) -> str:
+    """Medians over the fresh worker processes started for each pipeline."""
+    lines = [f"### Loading (median of {runs} fresh processes each)", "",
+             "|  | minidepth | diffusers | ratio |", "|---|---|---|---|"]
+    for key, label in (("cold_start_s", "cold start (s): a fresh process, imports included, to a loaded pipeline"),
+                       ("load_s", "load (s): library imports + from_pretrained"),
+                       ("weights_mb", "RSS after loading (MB)")):
+        a, b = (statistics.median(r[key] for r in starts[n]) for n in NAMES)
+        lines.append(f"| {label} | {a:.1f} | {b:.1f} | {a / b:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="square image sizes (multiples of 8)")
@@ -351,6 +368,8 @@ def main(argv=None) -> int:
     p.add_argument("--exact", action="store_true",
                    help="minidepth in exact mode (pipe.set_exact(True): diffusers' kernels, bit-identical images)")
     p.add_argument("--compile", action="store_true", help="minidepth with pipe.compile() (torch.compile)")
+    p.add_argument("--load-only", action="store_true",
+                   help="only the loading table: --runs fresh processes per pipeline, alternating, then stop")
     p.add_argument("--worker", choices=NAMES, help=argparse.SUPPRESS)  # internal: run as a worker process
     args = p.parse_args(argv)
     if args.worker:
@@ -365,20 +384,22 @@ def main(argv=None) -> int:
         started = time.perf_counter()
         args.checkpoint = factory.cached_checkpoint(args.architecture)
         print(f"checkpoint {args.checkpoint} ready in {time.perf_counter() - started:.0f} s", file=sys.stderr)
-    workers = {}
+    workers, starts = {}, {}
     try:
         for name in NAMES:  # one after the other, so that loading is not timed under contention
             workers[name] = Worker(name, args)
+            starts[name] = [workers[name].ready]
             print(f"{name}: loaded in {workers[name].ready['load_s']:.1f} s; process RSS/allocation after loading "
                   f"{workers[name].ready['weights_mb']:.0f} MB", file=sys.stderr)
-        ready = {n: workers[n].ready for n in NAMES}
-        print("### Loading\n\n|                      | minidepth | diffusers | ratio |\n|---|---|---|---|")
-        for key, label in (("cold_start_s", "cold start (s): a fresh process, imports included, to a loaded pipeline"),
-                           ("load_s", "load (s): library imports + from_pretrained"),
-                           ("weights_mb", "RSS after loading (MB)")):
-            a, b = ready["minidepth"][key], ready["diffusers"][key]
-            print(f"| {label} | {a:.1f} | {b:.1f} | {a / b:.2f}x |")
-        print(flush=True)
+        if args.load_only:  # more fresh processes, alternating, for the medians
+            for run in range(1, args.runs):
+                for name in NAMES if run % 2 == 0 else NAMES[::-1]:
+                    workers.pop(name).close()
+                    workers[name] = Worker(name, args)
+                    starts[name].append(workers[name].ready)
+        print(loading_table(starts, args.runs if args.load_only else 1), flush=True)
+        if args.load_only:
+            return 0
         peak_gflops = matmul_peak_gflops(device, dtype)
         print(f"matmul peak: {peak_gflops:.1f} GFLOP/s ({args.dtype})", file=sys.stderr)
         with tempfile.TemporaryDirectory() as tmp:

@@ -27,11 +27,11 @@ import torch
 from tqdm.auto import tqdm
 
 from . import image_processing
-from .fast_kernels import fast_kernels
 from .adapters.lora import lora_scale as scaled_lora
 from .adapters.pipeline import AdaptersMixin
+from .fast_kernels import fast_kernels
 from .noise import randn_tensor
-from .pipeline_io import (check_call_arguments, load_components, save_components)
+from .pipeline_io import check_call_arguments, load_components, save_components
 
 logger = logging.getLogger(__name__)
 CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "negative_prompt_embeds", "depth_mask")
@@ -53,7 +53,6 @@ class StableDiffusionDepth2ImgPipeline(AdaptersMixin):
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self._offload_device: torch.device | None = None
         self._progress_bar_config: dict = {}
-        # False: fast CPU kernels (fast_kernels.py); True: diffusers' kernels, bit-identical images. See set_exact.
         self.exact = os.environ.get("MINIDEPTH_EXACT", "0") not in ("", "0")
 
     # ------------------------------------------------------------------------------------------ loading and saving
@@ -147,19 +146,14 @@ class StableDiffusionDepth2ImgPipeline(AdaptersMixin):
             self.to(device)
 
     def set_exact(self, exact: bool = True) -> None:
-        """`True`: run PyTorch's default kernels, the ones diffusers runs, so images are bit-identical to diffusers'
-        (the parity suite's mode). `False` (the default): on the CPU in float32, faster kernels for the same maths
-        (`minidepth/fast_kernels.py`: oneDNN matmuls, channels-last and im2col convolutions, folded upsampling),
-        which round differently: images differ from the exact ones by well under 1e-3. Other devices and dtypes
-        run the default kernels either way. The environment variable `MINIDEPTH_EXACT=1` makes `True` the default
-        for every pipeline the process creates."""
+        """`True`: PyTorch's default kernels, diffusers' kernels: bit-identical images (the parity suite's mode).
+        `False` (default; `MINIDEPTH_EXACT=1` in the environment makes `True` the default): on the CPU in float32,
+        faster kernels for the same maths (`fast_kernels.py`), rounded differently: images within 1e-3."""
         self.exact = bool(exact)
 
     def compile(self, **options) -> None:
-        """`torch.compile` the UNet (`nn.Module.compile`, in place; `options` go to torch.compile, e.g.
-        `mode="max-autotune"`). The first call compiles (on a CPU: minutes), later calls with the same shapes run
-        the compiled code: worth it for many images of one size (benchmarks/README.md has numbers). The compiled UNet
-        runs inductor's kernels, not the fast kernels; `set_exact` does not apply to it."""
+        """`torch.compile` the UNet in place (`options`: torch.compile's). The first call compiles (minutes on a CPU),
+        later calls of the same shapes are faster (benchmarks/README.md). It runs inductor's kernels, not ours."""
         self.unet.compile(**options)
 
     @contextlib.contextmanager

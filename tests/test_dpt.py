@@ -9,11 +9,11 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
+import factory
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import factory
 from minidepth.checkpoints import CheckpointError, build_on_meta, export_state_dict, load_weights
 from minidepth.checkpoints.ldm_format import DEPTH_MODEL_KEYS as LDM_KEYS
 from minidepth.checkpoints.ldm_format import MIDAS_KEYS
@@ -230,3 +230,31 @@ def test_official_backbone_features_non_square(official_pair):
     assert grid == (24, 32)
     for name, got, exp in zip(["BiT stage 1", "BiT stage 2", "ViT block 8", "ViT block 11"], features, expected):
         compare(got, exp, 1e-5, f"official {name} 384x512")
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 384, 384), (2, 3, 100, 132)])
+def test_bit_resnet_equals_timm_resnetv2(shape):
+    """Our BiT ResNet against timm's ResNetV2 as the original MiDaS code builds it: same names (strict load), same
+    numbers (0 difference) after the stem and every stage, "SAME" padding on odd sizes included."""
+    from functools import partial
+
+    from timm.layers import GroupNormAct, StdConv2dSame
+    from timm.models.resnetv2 import ResNetV2
+
+    from minidepth.models.bit_resnet import BiTResNet
+    torch.manual_seed(0)
+    ref = ResNetV2(layers=(2, 2, 2), channels=(32, 64, 128), stem_chs=16, num_classes=0, global_pool="",
+                   preact=False, stem_type="same", conv_layer=partial(StdConv2dSame, eps=1e-8),
+                   norm_layer=partial(GroupNormAct, num_groups=8)).eval()
+    for p in ref.parameters():
+        p.data.normal_(0, 0.5)
+    ours = BiTResNet((2, 2, 2), (32, 64, 128), 16, 8).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        a, b = ref.stem(x), ours.stem(x)
+        diffs = [(a - b).abs().max().item()]
+        for ref_stage, our_stage in zip(ref.stages, ours.stages):
+            a, b = ref_stage(a), our_stage(b)
+            diffs.append((a - b).abs().max().item())
+    assert diffs == [0.0] * 4, f"max abs diff after the stem and each stage: {diffs}"

@@ -1,17 +1,16 @@
 """The fast CPU kernels (minidepth/fast_kernels.py, the pipeline's default) against the exact ones (diffusers' kernels):
 kernel by kernel, model by model, and whole images for every scheduler. The bound for images is the issue's 1e-3."""
 
+import factory
 import numpy as np
+import parity
 import pytest
 import torch
 import torch.nn.functional as F
-
-import factory
-import parity
-from minidepth import StableDiffusionDepth2ImgPipeline
-from minidepth import fast_kernels as fk
-from minidepth import schedulers
 from test_pipeline import SCHEDULERS, photo
+
+from minidepth import StableDiffusionDepth2ImgPipeline, schedulers
+from minidepth import fast_kernels as fk
 
 pytestmark = pytest.mark.skipif(not fk.available(), reason="this torch has no oneDNN")
 

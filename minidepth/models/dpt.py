@@ -11,8 +11,8 @@ Ranftl, Bochkovskiy, Koltun, "Vision Transformers for Dense Prediction" (ICCV 20
 
 The output is relative inverse depth: larger = nearer, non-negative, arbitrary scale.
 
-The BiT ResNet (weight-standardised convs, TF "SAME" padding, GroupNorm) is timm's `ResNetV2`, the same module the
-original MiDaS code used; everything else is written out here. The backbone returns its intermediate features
+The BiT ResNet (weight-standardised convs, TF "SAME" padding, GroupNorm) is in `bit_resnet.py`, with the names and
+numbers of timm's `ResNetV2`, the module the original MiDaS code used; everything else is written out here. The backbone returns its intermediate features
 explicitly (no forward hooks). Position embeddings are resized to the input's token grid with plain bilinear
 interpolation (what transformers does), so any input whose sides are multiples of 16 works, e.g. 384 x 512.
 
@@ -26,17 +26,15 @@ n heads, d head size.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from timm.layers import GroupNormAct, StdConv2dSame
-from timm.models.resnetv2 import ResNetV2
 from torch import nn
 
 from ..checkpoints.pretrained import Pretrained
 from .attention import Attention, name_attention_layers
+from .bit_resnet import BiTResNet
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -116,10 +114,7 @@ class HybridViT(nn.Module):
     def __init__(self, cfg: DPTConfig):
         super().__init__()
         self.cfg = cfg
-        self.resnet = ResNetV2(layers=cfg.stage_depths, channels=cfg.stage_widths, stem_chs=cfg.stem_width,
-                               num_classes=0, global_pool="", preact=False, stem_type="same",
-                               conv_layer=partial(StdConv2dSame, eps=1e-8),
-                               norm_layer=partial(GroupNormAct, num_groups=cfg.num_groups))
+        self.resnet = BiTResNet(cfg.stage_depths, cfg.stage_widths, cfg.stem_width, cfg.num_groups)
         self.proj = nn.Conv2d(cfg.stage_widths[-1], cfg.hidden_size, kernel_size=1)
         grid = cfg.image_size // cfg.patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
