@@ -72,12 +72,19 @@ class Downsample(nn.Module):
         return self.norm(self.conv(x))
 
 
+def bottleneck_width(out_ch: int, divisor: int = 8) -> int:
+    """C/4 rounded to a multiple of 8, at least 8 and not below 90% of C/4 (timm's `make_div`; the official widths
+    256, 512, 1024 give exactly C/4)."""
+    width = max(divisor, int(out_ch / 4 + divisor / 2) // divisor * divisor)
+    return width + divisor if width < 0.9 * out_ch / 4 else width
+
+
 class Bottleneck(nn.Module):
     """x -> 1x1 (C/4) -> 3x3 (C/4, stride) -> 1x1 (C), GroupNorm (+ReLU) after each; out = ReLU(that + shortcut)."""
 
     def __init__(self, in_ch: int, out_ch: int, stride: int, num_groups: int, project: bool):
         super().__init__()
-        mid = out_ch // 4
+        mid = bottleneck_width(out_ch)
         self.downsample = Downsample(in_ch, out_ch, stride, num_groups) if project else None
         self.conv1, self.norm1 = StdConv2d(in_ch, mid, 1), GroupNormAct(mid, num_groups)
         self.conv2, self.norm2 = StdConv2d(mid, mid, 3, stride), GroupNormAct(mid, num_groups)
