@@ -140,3 +140,15 @@ def test_official_size_fast_vs_exact():
         prompt="a red house", image=photo(256, 256, 3), num_inference_steps=2, output_type="np",
         generator=torch.Generator().manual_seed(0)).images)
     assert_near(fast, exact, 1e-3, "images, official size 256x256")
+
+
+def test_compile_matches_exact(tiny_checkpoint):
+    """pipe.compile() (torch.compile of the UNet, inductor's C++ kernels; ~1-2 min to compile on 2 cores)."""
+    pipe = StableDiffusionDepth2ImgPipeline.from_pretrained(tiny_checkpoint)
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(prompt="a house", image=photo(64, 64, 5), num_inference_steps=2, output_type="np")
+    pipe.set_exact(True)
+    exact = pipe(generator=torch.Generator().manual_seed(0), **call).images
+    pipe.compile()
+    compiled = pipe(generator=torch.Generator().manual_seed(0), **call).images
+    assert_near(compiled, exact, 1e-3, "images, pipe.compile()")
