@@ -298,3 +298,23 @@ def test_official_size_kohya_locon_text_encoder_and_fuse(tmp_path):
     ours.unfuse_lora()
     ours.unload_lora_weights()
     assert_close(run(ours, picture, **call), base, 0, "official unfuse + unload = original")
+
+
+def test_fast_kernels_with_lora(clean, kohya_file):
+    """The default fast kernels with a LoCon LoRA attached (forward hooks on convs and Linears, the upsampler convs
+    included, which then skip the folded upsampling) and fused: within 1e-3 of exact mode. At 128x128, like the
+    scheduler tests in test_fast_kernels.py (measured ~1e-5); at 64x64 the tiny random-weight model amplifies any
+    rounding difference to ~4e-3, with or without a LoRA."""
+    ours, image = clean[0], photo(128, 128, seed=3)
+    ours.load_lora_weights(kohya_file)
+    try:
+        for fused in (False, True):
+            if fused:
+                ours.fuse_lora(lora_scale=0.7)
+            out = {}
+            for exact in (True, False):
+                ours.set_exact(exact)
+                out[exact] = run(ours, image)
+            assert_close(out[False], out[True], tol=1e-3, what=f"fast vs exact, kohya LoCon{', fused' if fused else ''}")
+    finally:
+        ours.set_exact(True)  # the module's pipelines compare with diffusers
