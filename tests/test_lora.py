@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import save_file
 from test_pipeline import assert_close, photo
 
-from minidepth import StableDiffusionDepth2ImgPipeline
 from minidepth.adapters import lora
 from minidepth.adapters.formats import LoRAFormatError
 
@@ -276,7 +275,7 @@ def test_official_size_kohya_locon_text_encoder_and_fuse(tmp_path):
     text encoder's attention and MLP gives diffusers' image, at scale 1 and 0.5 and fused at 0.7; unfuse + unload give
     back the original image exactly."""
     import gc
-    from diffusers import StableDiffusionDepth2ImgPipeline as Reference
+
     folder = factory.cached_checkpoint("official")
     ours, ref = factory.pipeline_pair(folder)
     picture = photo(64, 64, seed=3)
