@@ -129,7 +129,8 @@ def add_parser(sub, formatter_class) -> None:
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="computation precision")
     p.add_argument("--exact", action="store_true", help="diffusers' kernels, bit-identical images (default: faster "
                                                          "CPU kernels, within 1e-3; see `pipe.set_exact`)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (the first job compiles)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (the first job compiles; "
+                                                           "measure first: see benchmarks/README.md)")
     p.add_argument("--device", choices=["cpu", "cuda", "mps"],
                    help="where to run (default: cuda, else mps, else cpu; under torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no information lines")

@@ -237,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="diffusers' kernels: images bit-identical to diffusers' (default: faster CPU kernels for the "
                         "same maths, within 1e-3 of them; see `pipe.set_exact`)")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNet: the first image compiles (minutes on a CPU), later ones run faster")
+                   help="torch.compile the UNet: the first image compiles (minutes on a CPU); pays on GPUs, was slower than "
+                        "the default kernels on a 2-core AMD CPU (benchmarks/README.md)")
     g.add_argument("--attention-slicing", nargs="?", const="auto", metavar="auto|max|N",
                    help="compute attention in slices to save memory (auto: half the heads at a time)")
     g.add_argument("--vae-slicing", action="store_true", help="decode several images one at a time (less memory)")
