@@ -194,10 +194,7 @@ def _render(args, console, todo: list[dict], out: Path, part: Path, rank: int, w
     if world > 1 and device == "cuda":
         device = f"cuda:{local_rank}"
     pipe = load_pipeline(resolve_model(args.model, variant=args.variant, revision=args.revision), args.variant,
-                         args.dtype, device, console)
-    pipe.set_exact(args.exact or pipe.exact)
-    if args.compile:
-        pipe.compile()
+                         args.dtype, device, console, exact=args.exact, compile=args.compile)
     pipe.set_progress_bar_config(disable=True)
     base_config = dict(pipe.scheduler.config)
     default_name = next((k for k, (cls, overrides) in SCHEDULERS.items()

@@ -169,10 +169,8 @@ def cmd_generate(args, console: Console) -> int:
         raise CLIError("--cpu-offload: no cuda or mps device here; offloading needs an accelerator", code=2)
     times = {"load": 0.0, "depth": 0.0, "denoise": 0.0, "decode": 0.0}
     t = time.perf_counter()
-    pipe = load_pipeline(root, s["variant"], s["dtype"], "cpu" if args.cpu_offload else device, console)
-    pipe.set_exact(getattr(args, "exact", False) or pipe.exact)
-    if getattr(args, "compile", False):
-        pipe.compile()
+    pipe = load_pipeline(root, s["variant"], s["dtype"], "cpu" if args.cpu_offload else device, console,
+                         exact=args.exact, compile=args.compile)
     if args.cpu_offload:
         pipe.enable_model_cpu_offload(device)
     times["load"] = time.perf_counter() - t
@@ -268,12 +266,18 @@ def _time_steps(pipe, times: dict, device: str) -> None:
         setattr(pipe, name, timed(key, getattr(pipe, name)))
 
 
-def load_pipeline(root: Path, variant: str | None, dtype: str, device: str, console: Console):
+def load_pipeline(root: Path, variant: str | None, dtype: str, device: str, console: Console,
+                  exact: bool = False, compile: bool = False):
+    """The pipeline for a command; `exact` (`--exact`) adds to MINIDEPTH_EXACT, `compile` is `--compile`."""
     import torch
     from .pipeline import StableDiffusionDepth2ImgPipeline
     console.info(f"loading {root} ({dtype}) on {device}")
-    return StableDiffusionDepth2ImgPipeline.from_pretrained(
+    pipe = StableDiffusionDepth2ImgPipeline.from_pretrained(
         root, torch_dtype=getattr(torch, DTYPES[dtype]), variant=detect_variant(root, "unet", variant), device=device)
+    pipe.set_exact(exact or pipe.exact)
+    if compile:
+        pipe.compile()
+    return pipe
 
 
 def depth_image(depth, size: tuple[int, int], raw16: bool = False):

@@ -1,7 +1,7 @@
 """Faster CPU kernels for inference: the same maths as the models' plain PyTorch layers, rounded differently.
 
 The models in `minidepth/models/` are written with plain `nn.Linear` / `nn.Conv2d` layers and run PyTorch's default
-kernels, which are the ones diffusers runs, so the parity suite can compare them bit for bit. On the CPU three things
+kernels, which are the ones diffusers runs, so the parity suite can compare them bit for bit. On the CPU four things
 about those defaults cost time (measured on a 2-core AMD EPYC, fp32, official SD2-depth sizes; benchmarks/README.md):
 
 1. Convolutions on NCHW tensors: oneDNN reorders every input into its blocked layout and every output back, and for
