@@ -161,7 +161,7 @@ class StableDiffusionDepth2ImgPipeline(AdaptersMixin):
         """Run `model` for the duration of the block: with the fast kernels unless `set_exact(True)`, and with CPU
         offload on, on the accelerator (back on the CPU after)."""
         compiled = getattr(model, "_compiled_call_impl", None) is not None  # see compile()
-        with fast_kernels(enabled=not self.exact and not compiled):
+        with fast_kernels(enabled=not self.exact and not compiled, keep_transforms=model is self.unet):
             if self._offload_device is None:
                 yield model
                 return

@@ -67,6 +67,56 @@ def test_folded_upsampling(shape, bias):
     assert_near(fast, exact, 1e-5, f"folded upsampling {shape}", relative=True)
 
 
+@pytest.mark.parametrize("shape", [(2, 24, 16, 16), (1, 9, 17, 23), (2, 5, 30, 33), (1, 3, 1, 2)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_winograd(shape, bias):
+    """Winograd F(4x4, 3x3) == 3x3 convolution with padding 1, sizes that are not multiples of 4 included; in
+    chunks of tile rows (a chunk budget of one row) too."""
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(*shape, generator=g), torch.randn(11, shape[1], 3, 3, generator=g)
+    b = torch.randn(11, generator=g) if bias else None
+    exact = F.conv2d(x, w, b, padding=1)
+    with torch.no_grad():
+        assert_near(fk.conv3x3_winograd(x, w, b), exact, 1e-4, f"winograd {shape}", relative=True)
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(fk, "WINOGRAD_CHUNK_BYTES", 1)
+            assert_near(fk.conv3x3_winograd(x, w, b), exact, 1e-4, f"winograd {shape}, row by row", relative=True)
+
+
+def test_winograd_is_chosen_for_many_channels_at_middle_sizes(monkeypatch):
+    calls = []
+    monkeypatch.setattr(fk, "conv3x3_winograd", lambda *a: calls.append(a[0].shape) or F.conv2d(*a, padding=1))
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad(), fk.fast_kernels():
+        for shape, out_ch in [((1, 256, 32, 33), 256), ((1, 256, 32, 33), 4), ((1, 128, 40, 40), 256),
+                              ((1, 256, 16, 16), 256), ((1, 256, 260, 256), 256)]:
+            F.conv2d(torch.randn(*shape, generator=g), torch.randn(out_ch, shape[1], 3, 3, generator=g), padding=1)
+    assert calls == [(1, 256, 32, 33)]
+
+
+def test_kept_transforms_are_reused_until_the_weight_changes():
+    """keep_transforms=True (the denoising loop): one transform per weight, a new one after an in-place change,
+    none kept after the block; the results equal those made without keeping."""
+    g = torch.Generator().manual_seed(7)
+    x, w, b = torch.randn(1, 8, 20, 20, generator=g), torch.randn(6, 8, 3, 3, generator=g), torch.randn(6, generator=g)
+    made = []
+
+    def count(weight):
+        made.append(1)
+        return fk._winograd_weights(weight)
+
+    with torch.no_grad(), fk.fast_kernels(keep_transforms=True):
+        first = [fk._transformed("winograd", w, count) for _ in range(3)]
+        assert len(made) == 1 and all(t is first[0] for t in first)
+        kept = fk.conv3x3_winograd(x, w, b)
+        w.mul_(2)
+        assert fk._transformed("winograd", w, count) is not first[0] and len(made) == 2
+        changed = fk.conv3x3_winograd(x, w, b)
+    assert not fk._blocks.kept
+    assert_near(kept, fk.conv3x3_winograd(x, w / 2, b), 1e-6, "kept transforms", relative=True)
+    assert_near(changed, F.conv2d(x, w, b, padding=1), 1e-4, "transforms after an in-place change", relative=True)
+
+
 def test_autograd_and_other_dtypes_run_the_exact_kernels():
     g = torch.Generator().manual_seed(3)
     x, w = torch.randn(5, 8, generator=g), torch.randn(4, 8, generator=g, requires_grad=True)
@@ -116,9 +166,12 @@ def test_default_is_fast_and_the_environment_can_make_it_exact(tiny_checkpoint, 
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULERS, ids=lambda s: s[0] + "".join(f"-{k}" for k in s[1]))
-def test_every_scheduler_fast_vs_exact(pipe, scheduler):
+def test_every_scheduler_fast_vs_exact(pipe, scheduler, monkeypatch):
     """128x128 images, so that every fast path runs: im2col at the UNet's 4x4 level, folded upsampling and
-    channels-last convolutions in the VAE."""
+    channels-last convolutions in the VAE, Winograd (its thresholds lowered to the tiny model's 32-64 channels)
+    in the UNet's 16x16 level and the VAE's 32x32-64x64, with the UNet's weight transforms kept over the steps."""
+    monkeypatch.setattr(fk, "WINOGRAD_MIN_CHANNELS", 32)
+    monkeypatch.setattr(fk, "WINOGRAD_POSITIONS", (16 * 16, 64 * 64))
     name, overrides = scheduler
     saved = pipe.scheduler
     pipe.scheduler = getattr(schedulers, name).from_config({**dict(saved.config), **overrides})

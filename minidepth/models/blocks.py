@@ -94,7 +94,7 @@ class GEGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         value, gate = self.proj(x).chunk(2, dim=-1)
-        return value * F.gelu(gate)
+        return F.gelu(gate).mul_(value)  # = value * gelu(gate), in place like ResnetBlock's add_
 
 
 class FeedForward(nn.Module):
