@@ -1,7 +1,7 @@
 """Faster CPU kernels for inference: the same maths as the models' plain PyTorch layers, rounded differently.
 
 The models in `minidepth/models/` are written with plain `nn.Linear` / `nn.Conv2d` layers and run PyTorch's default
-kernels, which are the ones diffusers runs, so the parity suite can compare them bit for bit. On the CPU four things
+kernels, which are the ones diffusers runs, so the parity suite can compare them bit for bit. On the CPU five things
 about those defaults cost time (measured on a 2-core AMD EPYC, fp32, official SD2-depth sizes; benchmarks/README.md):
 
 1. Convolutions on NCHW tensors: oneDNN reorders every input into its blocked layout and every output back, and for
@@ -18,12 +18,15 @@ about those defaults cost time (measured on a 2-core AMD EPYC, fp32, official SD
    upsampler at 128x128 -> 256x256 (`upsample2x_conv3x3`).
 4. `torch.nn.functional.linear` runs MKL's SGEMM, which takes its AVX2 code path on AMD CPUs; oneDNN's matmul uses
    AVX-512 there: 125 -> 197 GFLOP/s for the UNet's (128 x 1280) @ (1280 x 10240) feed-forward product.
-5. A 3x3 convolution at the UNet's 32x32-64x64 latents and the VAE's 64x64-128x128 (320-1920 channels) is computed
-   with Winograd's minimal filtering F(4x4, 3x3) (Lavin & Gray 2016, "Fast Algorithms for Convolutional Neural
-   Networks", eq. 8-10): each 4x4 block of outputs takes 36 multiplications per channel pair instead of 144, at the
-   price of transforming inputs, weights and outputs (memory-bound, so it only pays where the channels are many):
-   66 -> 40 ms for a 320-channel convolution at 64x64 (batch 2), 376 -> 276 ms for the VAE's 512 channels at 128x128
-   (`conv3x3_winograd`). Its rounding error is ~1e-5 of the output's scale instead of ~1e-6.
+5. A 3x3 convolution with 256 or more channels at 64x64 to 256x256 positions (the UNet's 64x64 latents, the VAE's
+   middle sizes) is computed with Winograd's minimal filtering F(4x4, 3x3) (Lavin & Gray 2016, "Fast Algorithms for
+   Convolutional Neural Networks", eq. 7-10): each 4x4 block of outputs takes 36 multiplications per channel pair
+   instead of 144, at the price of transforming inputs, weights and outputs, which is memory-bound: 68 -> 49 ms for
+   the UNet's 320 channels at 64x64 (batch 2), 380 -> 195 ms for the VAE's 512 at 128x128, 382 -> 290 ms for its 256
+   at 256x256 (`conv3x3_winograd`). Its rounding error is ~1e-5 of the output's scale instead of ~1e-6. Not used
+   where it was measured not to pay: 128 channels, 16x16 latents (the weight transform, 4x the kernel, costs more
+   than it saves), 32x32 latents (it pays only with the transforms kept over the denoising loop, ~1 GB at 512x512,
+   which raised the peak memory above diffusers').
 
 `fast_kernels()` is a context manager that routes `F.linear` and `F.conv2d` calls made inside it (by any module) to
 those kernels, when they are CPU float32 inference calls (no autograd graph being recorded); every other call, and
@@ -35,6 +38,7 @@ modes is float rounding only (summation order); the test suite checks it stays b
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import threading
 
 import torch
@@ -43,7 +47,7 @@ from torch.overrides import TorchFunctionMode
 
 LOW_RES_POSITIONS = 8 * 8  # up to this many positions per image: convolution as one matrix product (point 2)
 HIGH_RES_POSITIONS = 128 * 128  # from this many positions on: channels-last convolution (point 1)
-WINOGRAD_POSITIONS = (32 * 32, 256 * 256)  # 3x3 convolutions at these many positions (inclusive) ...
+WINOGRAD_POSITIONS = (64 * 64, 256 * 256)  # 3x3 convolutions at these many positions (inclusive) ...
 WINOGRAD_MIN_CHANNELS = 256  # ... with at least this many input and output channels: Winograd F(4x4, 3x3) (point 5)
 WINOGRAD_CHUNK_BYTES = 16 << 20  # tiles transformed and multiplied together
 
@@ -54,6 +58,15 @@ _blocks = threading.local()  # .kept: the weight-transform stores of this thread
 def active() -> bool:
     """A `fast_kernels()` block is running (the Upsample modules ask)."""
     return any(isinstance(mode, _FastKernels) for mode in torch.overrides._get_current_function_mode_stack())
+
+
+def _give_back_free_memory() -> None:
+    """glibc keeps freed blocks under 32 MB (most kept transforms) in the process for reuse, counted in its resident
+    memory; `malloc_trim` returns them to the system (measured after a 512x512 loop that kept 1 GB: 0.9 GB)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to do
+        pass
 
 
 def _transformed(kind: str, weight: torch.Tensor, make):
@@ -120,29 +133,35 @@ def _winograd_weights(weight: torch.Tensor) -> list[torch.Tensor]:
 def conv3x3_winograd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.conv2d(x, weight, bias, padding=1) for a 3x3 kernel with Winograd's F(4x4, 3x3) (point 5 above).
 
-    x (B, C, H, W) -> zero-padded NHWC -> overlapping 6x6 tiles d, one per 4x4 output block. For n tiles at a time:
-    V = B^T d B (36, n, C); M[k] = V[k] @ U[k]^T (36, n, O) with U = G g G^T (36, O, C), 36 matrix products;
+    x (B, C, H, W) -> overlapping 6x6 tiles d of the zero-padded image, one per 4x4 output block. For n tiles at a
+    time: V = B^T d B (36, n, C); M[k] = V[k] @ U[k]^T (36, n, O) with U = G g G^T (36, O, C), 36 matrix products;
     Y = A^T M A (16, n, O), written to its blocks of the output (B, O, H, W), channels-last in memory.
-    The tiles go through in chunks of WINOGRAD_CHUNK_BYTES, so that V and M stay in the caches, and U is made in
-    six pieces: each under glibc's 32 MB threshold for fresh (page-faulting) memory. Both measured to pay.
+    The tiles go through in chunks of WINOGRAD_CHUNK_BYTES (rows of tiles, each padded on its own), so that V and M
+    stay in the caches and no padded copy of the whole input is made, and U is made in six pieces, each under
+    glibc's 32 MB threshold for fresh (page-faulting) memory. All three measured to pay.
     """
     B, C, H, W = x.shape
     O = weight.shape[0]
     tH, tW = -(-H // 4), -(-W // 4)  # tiles per column / row; the last ones may reach past the image (zeros)
-    padded = x.new_zeros(B, 4 * tH + 2, 4 * tW + 2, C)
-    padded[:, 1:H + 1, 1:W + 1] = x.permute(0, 2, 3, 1)
-    sB, sH, sW, _ = padded.stride()
-    tiles = padded.as_strided((B, tH, 6, 6, tW, C), (sB, 4 * sH, sH, sW, 4 * sW, 1))  # a view: tiles overlap by 2
     U = _transformed("winograd", weight, _winograd_weights)  # 36 x (O, C)
     out = x.new_empty(B, tH, 4, tW, 4, O)  # (B, tile row, row in tile, tile column, column in tile, O) = NHWC
     rows = max(1, WINOGRAD_CHUNK_BYTES // (36 * tW * max(C, O) * x.element_size()))  # tile rows per chunk
     for b in range(B):
         for r in range(0, tH, rows):
-            d = tiles[b, r:r + rows].permute(1, 2, 0, 3, 4).reshape(36, -1)  # (36, n*C), n = rows*tW tiles
-            V = (_KRON_B @ d).view(36, -1, C)
-            M = torch.stack([linear(V[k], U[k]) for k in range(36)])  # (36, n, O)
-            Y = (_KRON_A @ M.view(36, -1)).view(4, 4, -1, tW, O).permute(2, 0, 3, 1, 4)  # (rows, 4, tW, 4, O)
-            block = out[b, r:r + rows]
+            n = min(rows, tH - r)
+            top = 4 * r - 1  # tile rows r .. r+n-1 read image rows top .. top + 4n + 1 (outside: zeros)
+            slab = x.new_zeros(4 * n + 2, 4 * tW + 2, C)
+            lo, hi = max(top, 0), min(top + 4 * n + 2, H)
+            slab[lo - top:hi - top, 1:W + 1] = x[b, :, lo:hi].permute(1, 2, 0)
+            sH, sW, _ = slab.stride()
+            d = slab.as_strided((6, 6, n, tW, C), (sH, sW, 4 * sH, 4 * sW, 1)).reshape(36, -1)  # a copy
+            V = (_KRON_B @ d).view(36, -1, C)  # (36, n*tW, C)
+            del slab, d
+            M = torch.stack([linear(V[k], U[k]) for k in range(36)])  # (36, n*tW, O)
+            del V
+            Y = (_KRON_A @ M.view(36, -1)).view(4, 4, n, tW, O).permute(2, 0, 3, 1, 4)  # (n, 4, tW, 4, O)
+            del M
+            block = out[b, r:r + n]
             block.copy_(Y) if bias is None else torch.add(Y, bias, out=block)
     return out.view(B, 4 * tH, 4 * tW, O)[:, :H, :W].permute(0, 3, 1, 2)
 
@@ -238,7 +257,8 @@ class _FastKernels(TorchFunctionMode):
 
     def __exit__(self, *exc):
         if self.keep_transforms:
-            _blocks.kept = _blocks.kept[:-1]  # the transforms are freed here
+            _blocks.kept = _blocks.kept[:-1]  # the transforms are freed here ...
+            _give_back_free_memory()  # ... and their memory returned to the system, for the VAE decoder after
         return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -255,6 +275,6 @@ def fast_kernels(enabled: bool = True, keep_transforms: bool = False):
 
     `keep_transforms=True`: the weight transforms (Winograd's U, 4x the size of a 3x3 kernel; the folded upsampling
     kernels) are made once per weight and kept until the block ends, for blocks that call a model many times with
-    the same weights: the denoising loop. Their memory (~1.2 GB for the UNet at 64x64 latents, 0.2 GB at 32x32) is
+    the same weights: the denoising loop. Their memory (0.35 GB for the UNet at 64x64 latents, 26 MB at 32x32) is
     held meanwhile; a weight changed in place (a fused LoRA) gets new transforms."""
     return _FastKernels(keep_transforms) if enabled and available() else contextlib.nullcontext()

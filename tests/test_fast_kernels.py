@@ -88,10 +88,10 @@ def test_winograd_is_chosen_for_many_channels_at_middle_sizes(monkeypatch):
     monkeypatch.setattr(fk, "conv3x3_winograd", lambda *a: calls.append(a[0].shape) or F.conv2d(*a, padding=1))
     g = torch.Generator().manual_seed(6)
     with torch.no_grad(), fk.fast_kernels():
-        for shape, out_ch in [((1, 256, 32, 33), 256), ((1, 256, 32, 33), 4), ((1, 128, 40, 40), 256),
-                              ((1, 256, 16, 16), 256), ((1, 256, 260, 256), 256)]:
+        for shape, out_ch in [((1, 256, 64, 65), 256), ((1, 256, 64, 65), 4), ((1, 128, 64, 64), 256),
+                              ((1, 256, 32, 32), 256), ((1, 256, 260, 256), 256)]:
             F.conv2d(torch.randn(*shape, generator=g), torch.randn(out_ch, shape[1], 3, 3, generator=g), padding=1)
-    assert calls == [(1, 256, 32, 33)]
+    assert calls == [(1, 256, 64, 65)]
 
 
 def test_kept_transforms_are_reused_until_the_weight_changes():
