@@ -4,29 +4,34 @@ The models in `minidepth/models/` are written with plain `nn.Linear` / `nn.Conv2
 kernels, which are the ones diffusers runs, so the parity suite can compare them bit for bit. On the CPU five things
 about those defaults cost time (measured on a 2-core AMD EPYC, fp32, official SD2-depth sizes; benchmarks/README.md):
 
-1. Convolutions on NCHW tensors: oneDNN reorders every input into its blocked layout and every output back, and for
-   each call reorders the weight too. In channels-last (NHWC) layout it reads and writes the tensors as they are:
-   a 128-channel 3x3 convolution at 512x512 takes 383 ms instead of 478 ms.
-2. At the UNet's lowest resolutions (4x4, 8x8 latents) a convolution does little arithmetic per weight, and the
+1. A 3x3 convolution of an image of 32x32 positions or more (the VAE, the DPT's neck and head, the UNet's 32x32 and
+   64x64 latents) runs PyTorch's direct algorithm: 9 multiply-adds per input channel and output value. Winograd's
+   minimal filtering (Lavin & Gray 2016, "Fast Algorithms for Convolutional Neural Networks", eq. 7-10) computes a
+   block of outputs from a transformed input tile and a transformed kernel with far fewer multiplications; NNPACK,
+   compiled into PyTorch, implements F(6x6, 3x3) (8x8 tiles: 64 instead of 324 multiplications per 6x6 block and
+   channel pair) in hand-written AVX2 / NEON code, as `torch._nnpack_spatial_convolution`: 124 -> 49 ms for the VAE's
+   128 channels at 256x256, 225 -> 113 ms for its 512 at 128x128 (`conv3x3_nnpack`). Its rounding error is ~1e-5
+   of the output's scale instead of ~1e-6. PyTorch itself calls NNPACK only for training-size batches, and the
+   `torch._nnpack_spatial_convolution` wrapper keeps its workspace (several times the input) for the life of the
+   thread; both are handled below: a whole batch as one tall image, calls limited to NNPACK_CALL_BYTES of input,
+   and the calls made on the block's own thread, which ends with the block and frees the workspace.
+2. At the UNet's lowest resolutions (4x4, 8x8 latents) a convolution does little arithmetic per weight, and oneDNN's
    weight reorder (59-118 MB for a 1280-channel 3x3 kernel, into freshly allocated memory) dominates: 23 ms for a
    2x1280x4x4 input, of which 9 ms is the actual product. Written as im2col + one matrix product, the weight is
    used where it lies: (B, C, H, W) -> unfold -> (B*H*W, C*9) @ weight(O, C*9)^T -> (B, O, H, W).
 3. Nearest 2x upsampling followed by a 3x3 convolution (every upsampler in the UNet and the VAE decoder) convolves an
    image in which each pixel appears four times. Each of the four output phases (even/odd row, even/odd column) is a
    2x2 convolution of the small image with summed weights, so the same result takes 4 instead of 9 multiply-adds
-   per output value, and the 4x larger upsampled image is never built: 1.52 s -> 0.82 s for the VAE's 512-channel
-   upsampler at 128x128 -> 256x256 (`upsample2x_conv3x3`).
+   per output value, and the 4x larger upsampled image is never built (`upsample2x_conv3x3`): for the UNet's
+   1280 channels at 16x16 -> 32x32 (batch 2) 245 ms, or 170 ms with the folded kernels kept over the denoising loop,
+   against 223 ms for upsampling + NNPACK. From 128x128 output positions on, upsampling + NNPACK is faster: 538
+   against 823 ms for the VAE's 512 channels at 128x128 -> 256x256.
 4. `torch.nn.functional.linear` runs MKL's SGEMM, which takes its AVX2 code path on AMD CPUs; oneDNN's matmul uses
-   AVX-512 there: 125 -> 197 GFLOP/s for the UNet's (128 x 1280) @ (1280 x 10240) feed-forward product.
-5. A 3x3 convolution with 256 or more channels at 64x64 to 256x256 positions (the UNet's 64x64 latents, the VAE's
-   middle sizes) is computed with Winograd's minimal filtering F(4x4, 3x3) (Lavin & Gray 2016, "Fast Algorithms for
-   Convolutional Neural Networks", eq. 7-10): each 4x4 block of outputs takes 36 multiplications per channel pair
-   instead of 144, at the price of transforming inputs, weights and outputs, which is memory-bound: 68 -> 49 ms for
-   the UNet's 320 channels at 64x64 (batch 2), 380 -> 195 ms for the VAE's 512 at 128x128, 382 -> 290 ms for its 256
-   at 256x256 (`conv3x3_winograd`). Its rounding error is ~1e-5 of the output's scale instead of ~1e-6. Not used
-   where it was measured not to pay: 128 channels, 16x16 latents (the weight transform, 4x the kernel, costs more
-   than it saves), 32x32 latents (it pays only with the transforms kept over the denoising loop, ~1 GB at 512x512,
-   which raised the peak memory above diffusers').
+   AVX-512 there: 125 -> 197 GFLOP/s for the UNet's (128 x 1280) @ (1280 x 10240) feed-forward product. A 1x1
+   convolution is the same product, weight (O, C) @ image (C, H*W), per image: 261 -> 137 ms for the VAE's
+   256 -> 128 channel shortcut at 512x512, whose NCHW input oneDNN's convolution would first reorder.
+5. Where none of the above applies, a convolution of 128x128 positions or more runs in channels-last (NHWC) layout,
+   which oneDNN reads and writes as it is (the VAE's 3-channel input: 99 -> 48 ms at 512x512).
 
 `fast_kernels()` is a context manager that routes `F.linear` and `F.conv2d` calls made inside it (by any module) to
 those kernels, when they are CPU float32 inference calls (no autograd graph being recorded); every other call, and
@@ -37,8 +42,10 @@ modes is float rounding only (summation order); the test suite checks it stays b
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
+import functools
 import threading
 
 import torch
@@ -46,13 +53,13 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 LOW_RES_POSITIONS = 8 * 8  # up to this many positions per image: convolution as one matrix product (point 2)
-HIGH_RES_POSITIONS = 128 * 128  # from this many positions on: channels-last convolution (point 1)
-WINOGRAD_POSITIONS = (64 * 64, 256 * 256)  # 3x3 convolutions at these many positions (inclusive) ...
-WINOGRAD_MIN_CHANNELS = 256  # ... with at least this many input and output channels: Winograd F(4x4, 3x3) (point 5)
-WINOGRAD_CHUNK_BYTES = 16 << 20  # tiles transformed and multiplied together
+HIGH_RES_POSITIONS = 128 * 128  # from this many positions on: channels-last convolution (point 5)
+NNPACK_POSITIONS = 32 * 32  # 3x3 convolutions from this many positions per image on ...
+NNPACK_MIN_CHANNELS = 32  # ... with at least this many input channels: NNPACK's Winograd (point 1)
+NNPACK_CALL_BYTES = 16 << 20  # input per NNPACK call, larger images go in bands of rows: its workspace is ~3.6x this
 
 
-_blocks = threading.local()  # .kept: the weight-transform stores of this thread's keep_transforms blocks
+_blocks = threading.local()  # per open fast_kernels block of this thread: .kept (transform stores), .nnpack
 
 
 def active() -> bool:
@@ -61,8 +68,8 @@ def active() -> bool:
 
 
 def _give_back_free_memory() -> None:
-    """glibc keeps freed blocks under 32 MB (most kept transforms) in the process for reuse, counted in its resident
-    memory; `malloc_trim` returns them to the system (measured after a 512x512 loop that kept 1 GB: 0.9 GB)."""
+    """glibc keeps freed blocks under 32 MB in the process for reuse, counted in its resident memory; `malloc_trim`
+    returns them to the system."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to do
@@ -70,15 +77,16 @@ def _give_back_free_memory() -> None:
 
 
 def _transformed(kind: str, weight: torch.Tensor, make):
-    """make(weight), a transform of a weight for a fast kernel (Winograd's U, the folded upsampling kernels); inside
-    a `fast_kernels(keep_transforms=True)` block made once per weight and kept until the block ends."""
+    """make(weight), a transform of a weight for a fast kernel (the folded upsampling kernels); inside a
+    `fast_kernels(keep_transforms=True)` block made once per weight and kept until the block ends."""
     stores = getattr(_blocks, "kept", None)
     if not stores:
         return make(weight)
     key = (kind, id(weight))
+    state = (None if weight.is_inference() else weight._version, weight.data_ptr())  # (inference tensors: no version)
     entry = stores[-1].get(key)
-    if entry is None or entry[0] is not weight or entry[1] != (weight._version, weight.data_ptr()):
-        entry = stores[-1][key] = (weight, (weight._version, weight.data_ptr()), make(weight))  # new or changed
+    if entry is None or entry[0] is not weight or entry[1] != state:
+        entry = stores[-1][key] = (weight, state, make(weight))  # new or changed
     return entry[2]
 
 
@@ -111,67 +119,78 @@ def conv2d_as_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return out.view(B, H, W, O).permute(0, 3, 1, 2)
 
 
-# Winograd F(4x4, 3x3) (Lavin & Gray 2016, eq. 7): a 4x4 output tile Y of a 6x6 input tile d and a 3x3 kernel g is
-# Y = A^T [(G g G^T) * (B^T d B)] A, * elementwise. Applied to flattened tiles the two-sided products are Kronecker
-# products: vec(B^T d B) = (B^T kron B^T) vec(d), and likewise for G and A^T.
-_BT = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
-       [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]]
-_G = [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
-      [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]]
-_AT = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]
-_KRON_B, _KRON_G, _KRON_A = (torch.kron(m, m).float() for m in (torch.tensor(m, dtype=torch.float64)
-                                                                 for m in (_BT, _G, _AT)))  # (36, 36) (36, 9) (16, 36)
+@functools.cache
+def nnpack_available() -> bool:
+    """torch was built with NNPACK and NNPACK initialised on this CPU (asking initialises it; x86-64 with AVX2 or
+    ARM with NEON). NNPACK's thread pool takes torch's thread count at its first convolution."""
+    return torch._nnpack_available()
 
 
-def _winograd_weights(weight: torch.Tensor) -> list[torch.Tensor]:
-    """U = G g G^T for every (output, input) channel pair: 36 matrices (O, C), made in six pieces (see below)."""
-    O, C = weight.shape[:2]
-    g = weight.reshape(O * C, 9).T
-    return [u for k in range(0, 36, 6) for u in (_KRON_G[k:k + 6] @ g).view(6, O, C)]
+def _nnpack(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: list[int]) -> torch.Tensor:
+    """torch's NNPACK convolution of a (1, C, H, W) image, on the innermost fast_kernels block's own thread (whose
+    end frees NNPACK's workspace; see _FastKernels) or, outside a block, on this one."""
+    def call():
+        with torch.no_grad():  # (as in the caller, which records no graph; a new thread starts with grad on)
+            return torch._nnpack_spatial_convolution(x, weight, bias, padding, [1, 1])
+
+    threads = getattr(_blocks, "nnpack", None)
+    return threads[-1].submit(call).result() if threads else call()
 
 
-def conv3x3_winograd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.conv2d(x, weight, bias, padding=1) for a 3x3 kernel with Winograd's F(4x4, 3x3) (point 5 above).
+def conv3x3_nnpack(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.conv2d(x, weight, bias, padding=1) for a 3x3 kernel by NNPACK's Winograd F(6x6, 3x3) (point 1 above).
 
-    x (B, C, H, W) -> overlapping 6x6 tiles d of the zero-padded image, one per 4x4 output block. For n tiles at a
-    time: V = B^T d B (36, n, C); M[k] = V[k] @ U[k]^T (36, n, O) with U = G g G^T (36, O, C), 36 matrix products;
-    Y = A^T M A (16, n, O), written to its blocks of the output (B, O, H, W), channels-last in memory.
-    The tiles go through in chunks of WINOGRAD_CHUNK_BYTES (rows of tiles, each padded on its own), so that V and M
-    stay in the caches and no padded copy of the whole input is made, and U is made in six pieces, each under
-    glibc's 32 MB threshold for fresh (page-faulting) memory. All three measured to pay.
+    NNPACK's own batch path is another, slower algorithm (2x slower for the UNet's two guidance halves), and image by
+    image it would transform the weight once per image. So the input goes to NNPACK as tall single images, each
+    piece of an image between a zero row above and below it (its padding; image rows where the piece is a band of a
+    larger image): the whole batch stacked in one call when it fits in NNPACK_CALL_BYTES, else one call per band of
+    rows. NNPACK pads only left and right; the output rows of the zero rows are dropped.
+    x (B, C, H, W) -> (B, O, H, W), NCHW.
     """
     B, C, H, W = x.shape
+    row_bytes = C * W * x.element_size()
+    if B == 1 and H * row_bytes <= NNPACK_CALL_BYTES:  # the image as it is, NNPACK pads it
+        return _nnpack(x.contiguous(), weight, bias, [1, 1])
+    if B * (H + 2) * row_bytes <= NNPACK_CALL_BYTES:
+        calls = [[(b, 0, H) for b in range(B)]]  # (image, first row, rows) of each piece; all images in one call
+    else:
+        band = max(1, NNPACK_CALL_BYTES // row_bytes - 2)
+        calls = [[(b, top, min(band, H - top))] for b in range(B) for top in range(0, H, band)]
+    out = x.new_empty(B, weight.shape[0], H, W)
+    for pieces in calls:
+        tall = x.new_zeros(C, sum(n + 2 for _, _, n in pieces), W)
+        at = 0  # the piece's first row in `tall`, its zero / halo row above it
+        for b, top, n in pieces:
+            lo, hi = max(top - 1, 0), min(top + n + 1, H)  # image rows it reads, one above and below if there
+            tall[:, at + 1 + lo - top:at + 1 + hi - top] = x[b, :, lo:hi]
+            at += n + 2
+        y = _nnpack(tall[None], weight, bias, [0, 1])[0]  # (O, rows - 2, W): output row i is centred on tall row i+1
+        at = 0
+        for b, top, n in pieces:
+            out[b, :, top:top + n] = y[:, at:at + n]
+            at += n + 2
+    if len(calls) > 1:  # bands of a large image: its buffers, freed, would stay in the process, where the larger
+        _give_back_free_memory()  # tensors that follow cannot reuse them (VAE decoder at 256x256: peak -140 MB)
+    return out
+
+
+def conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.conv2d(x, weight, bias) for a 1x1 kernel: per image weight (O, C) @ x (C, H*W) by oneDNN (point 4 above).
+    (B, C, H, W) -> (B, O, H, W), NCHW."""
+    B, C, H, W = x.shape
     O = weight.shape[0]
-    tH, tW = -(-H // 4), -(-W // 4)  # tiles per column / row; the last ones may reach past the image (zeros)
-    U = _transformed("winograd", weight, _winograd_weights)  # 36 x (O, C)
-    out = x.new_empty(B, tH, 4, tW, 4, O)  # (B, tile row, row in tile, tile column, column in tile, O) = NHWC
-    rows = max(1, WINOGRAD_CHUNK_BYTES // (36 * tW * max(C, O) * x.element_size()))  # tile rows per chunk
-    for b in range(B):
-        for r in range(0, tH, rows):
-            n = min(rows, tH - r)
-            top = 4 * r - 1  # tile rows r .. r+n-1 read image rows top .. top + 4n + 1 (outside: zeros)
-            slab = x.new_zeros(4 * n + 2, 4 * tW + 2, C)
-            lo, hi = max(top, 0), min(top + 4 * n + 2, H)
-            slab[lo - top:hi - top, 1:W + 1] = x[b, :, lo:hi].permute(1, 2, 0)
-            sH, sW, _ = slab.stride()
-            d = slab.as_strided((6, 6, n, tW, C), (sH, sW, 4 * sH, 4 * sW, 1)).reshape(36, -1)  # a copy
-            V = (_KRON_B @ d).view(36, -1, C)  # (36, n*tW, C)
-            del slab, d
-            M = torch.stack([linear(V[k], U[k]) for k in range(36)])  # (36, n*tW, O)
-            del V
-            Y = (_KRON_A @ M.view(36, -1)).view(4, 4, n, tW, O).permute(2, 0, 3, 1, 4)  # (n, 4, tW, 4, O)
-            del M
-            block = out[b, r:r + n]
-            block.copy_(Y) if bias is None else torch.add(Y, bias, out=block)
-    return out.view(B, 4 * tH, 4 * tW, O)[:, :H, :W].permute(0, 3, 1, 2)
+    images = [linear(weight.view(O, C), x[b].reshape(C, H * W).T) for b in range(B)]  # (O, H*W) each
+    out = (images[0][None] if B == 1 else torch.stack(images)).view(B, O, H, W)
+    return out if bias is None else out.add_(bias.view(O, 1, 1))
 
 
 def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
-    """F.conv2d: as a matrix product at the lowest resolutions, Winograd for many channels at middle ones,
-    channels-last at the highest, else unchanged.
+    """F.conv2d: as a matrix product at the lowest resolutions and for 1x1 kernels, NNPACK for 3x3 kernels from
+    32x32 positions, channels-last for the rest from 128x128, else unchanged.
 
-    Elsewhere in between (the UNet's 16x16 latents, 1280-2560 channels) the weights are larger than the activations
-    and channels-last would copy the NCHW weight into NHWC on every call: measured slower there, so it is not used."""
+    Elsewhere in between (the UNet's 16x16 latents, 640-2560 channels) the weights are larger than the activations:
+    NNPACK's weight transform and channels-last (which copies the NCHW weight into NHWC on every call) were both
+    measured slower there, so neither is used."""
     as_pair = torch.nn.modules.utils._pair
     stride, dilation = as_pair(stride), as_pair(dilation)
     H, W = x.shape[-2:]
@@ -179,12 +198,14 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> t
             and tuple(as_pair(padding)) == tuple(k // 2 for k in weight.shape[-2:])):
         if H * W <= LOW_RES_POSITIONS:
             return conv2d_as_matmul(x, weight, bias, as_pair(padding))
-        if (weight.shape[-2:] == (3, 3) and min(weight.shape[:2]) >= WINOGRAD_MIN_CHANNELS
-                and WINOGRAD_POSITIONS[0] <= H * W <= WINOGRAD_POSITIONS[1]):
-            return conv3x3_winograd(x, weight, bias)
+        if weight.shape[-2:] == (1, 1):
+            return conv1x1(x, weight, bias)
+        if (weight.shape[-2:] == (3, 3) and H * W >= NNPACK_POSITIONS and weight.shape[1] >= NNPACK_MIN_CHANNELS
+                and nnpack_available()):
+            return conv3x3_nnpack(x, weight, bias)
     if H * W >= HIGH_RES_POSITIONS:
         x = x.contiguous(memory_format=torch.channels_last)  # no copy when it already is (our conv outputs are)
-    else:  # NCHW, as the Winograd outputs (channels-last) would make oneDNN copy the weight into NHWC on every call
+    else:  # NCHW: a channels-last input would make oneDNN copy the weight into NHWC on every call
         x = x.contiguous()
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
@@ -201,6 +222,8 @@ def can_fold_upsample(x: torch.Tensor, conv: torch.nn.Conv2d, size) -> bool:
     """Upsample(x) may use `upsample2x_conv3x3`: fast kernels on, a plain 3x3 padding-1 convolution without hooks
     (a LoRA adds its update through a forward hook), an exact doubling, CPU fp32 inference, at least 16x16 input."""
     H, W = x.shape[-2:]
+    if nnpack_available() and 4 * H * W >= HIGH_RES_POSITIONS:  # upsampled, then NNPACK's Winograd: faster still
+        return False
     return (active() and H * W >= 16 * 16 and (size is None or tuple(size) == (2 * H, 2 * W))
             and conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv.stride == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1 and not conv._forward_hooks
@@ -253,12 +276,19 @@ class _FastKernels(TorchFunctionMode):
     def __enter__(self):
         if self.keep_transforms:
             _blocks.kept = [*getattr(_blocks, "kept", []), {}]
+        # NNPACK's convolutions run on a thread of this block (started at the first one): torch's wrapper keeps
+        # NNPACK's workspace, up to 3.6 x NNPACK_CALL_BYTES, per thread until the thread ends; this one ends with
+        # the block. (Kept on the caller's thread it added 0.6 GB to the resident memory of a 512x512 run.)
+        _blocks.nnpack = [*getattr(_blocks, "nnpack", []),
+                          concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="minidepth-nnpack")]
         return super().__enter__()
 
     def __exit__(self, *exc):
+        nnpack_thread, _blocks.nnpack = _blocks.nnpack[-1], _blocks.nnpack[:-1]
+        nnpack_thread.shutdown()  # the workspace is freed here
         if self.keep_transforms:
-            _blocks.kept = _blocks.kept[:-1]  # the transforms are freed here ...
-            _give_back_free_memory()  # ... and their memory returned to the system, for the VAE decoder after
+            _blocks.kept = _blocks.kept[:-1]  # the transforms are freed here
+        _give_back_free_memory()  # and the memory returned to the system, for the next model
         return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -273,8 +303,8 @@ class _FastKernels(TorchFunctionMode):
 def fast_kernels(enabled: bool = True, keep_transforms: bool = False):
     """`with fast_kernels(): model(x)`. `enabled=False` (or no oneDNN in this torch) gives a context that does nothing.
 
-    `keep_transforms=True`: the weight transforms (Winograd's U, 4x the size of a 3x3 kernel; the folded upsampling
-    kernels) are made once per weight and kept until the block ends, for blocks that call a model many times with
-    the same weights: the denoising loop. Their memory (0.35 GB for the UNet at 64x64 latents, 26 MB at 32x32) is
-    held meanwhile; a weight changed in place (a fused LoRA) gets new transforms."""
+    `keep_transforms=True`: the weight transforms (the folded upsampling kernels, 16/9 the size of the 3x3 kernel)
+    are made once per weight and kept until the block ends, for blocks that call a model many times with the same
+    weights: the denoising loop. Their memory (131 MB for the UNet at 64x64 latents, 26 MB at 32x32) is held
+    meanwhile; a weight changed in place (a fused LoRA) gets new transforms."""
     return _FastKernels(keep_transforms) if enabled and available() else contextlib.nullcontext()

@@ -1,6 +1,8 @@
 """The fast CPU kernels (minidepth/fast_kernels.py, the pipeline's default) against the exact ones (diffusers' kernels):
 kernel by kernel, model by model, and whole images for every scheduler. The bound for images is the issue's 1e-3."""
 
+import threading
+
 import factory
 import numpy as np
 import parity
@@ -67,54 +69,98 @@ def test_folded_upsampling(shape, bias):
     assert_near(fast, exact, 1e-5, f"folded upsampling {shape}", relative=True)
 
 
-@pytest.mark.parametrize("shape", [(2, 24, 16, 16), (1, 9, 17, 23), (2, 5, 30, 33), (1, 3, 1, 2)])
+needs_nnpack = pytest.mark.skipif(not fk.nnpack_available(), reason="this torch has no NNPACK (or this CPU)")
+
+
+@needs_nnpack
+@pytest.mark.parametrize("shape,call_bytes", [
+    ((1, 32, 37, 45), None),         # one image as it is
+    ((2, 32, 33, 40), None),         # a batch as one tall image
+    ((3, 32, 37, 45), 32 * 45 * 4 * 9),  # bands of 7 rows (+ 2), the last one shorter
+    ((1, 40, 34, 34), 40 * 34 * 4 * 3),  # bands of one row
+])
 @pytest.mark.parametrize("bias", [True, False])
-def test_winograd(shape, bias):
-    """Winograd F(4x4, 3x3) == 3x3 convolution with padding 1, sizes that are not multiples of 4 included; in
-    chunks of tile rows (a chunk budget of one row) too."""
+def test_nnpack(shape, call_bytes, bias, monkeypatch):
+    """NNPACK's Winograd F(6x6, 3x3) == 3x3 convolution with padding 1: whole images, batches stacked, bands."""
+    if call_bytes:
+        monkeypatch.setattr(fk, "NNPACK_CALL_BYTES", call_bytes)
     g = torch.Generator().manual_seed(5)
     x, w = torch.randn(*shape, generator=g), torch.randn(11, shape[1], 3, 3, generator=g)
     b = torch.randn(11, generator=g) if bias else None
-    exact = F.conv2d(x, w, b, padding=1)
-    with torch.no_grad():
-        assert_near(fk.conv3x3_winograd(x, w, b), exact, 1e-4, f"winograd {shape}", relative=True)
-        with pytest.MonkeyPatch.context() as m:
-            m.setattr(fk, "WINOGRAD_CHUNK_BYTES", 1)
-            assert_near(fk.conv3x3_winograd(x, w, b), exact, 1e-4, f"winograd {shape}, row by row", relative=True)
+    with torch.no_grad(), fk.fast_kernels():
+        fast = fk.conv3x3_nnpack(x, w, b)
+    assert fast.is_contiguous()
+    assert_near(fast, F.conv2d(x, w, b, padding=1), 1e-4, f"NNPACK {shape}, {call_bytes} B per call", relative=True)
 
 
-def test_winograd_is_chosen_for_many_channels_at_middle_sizes(monkeypatch):
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_conv1x1(memory_format, batch):
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(batch, 16, 130, 129, generator=g).contiguous(memory_format=memory_format)
+    w, b = torch.randn(12, 16, 1, 1, generator=g), torch.randn(12, generator=g)
+    with torch.no_grad(), fk.fast_kernels():
+        fast = F.conv2d(x, w, b)
+    assert_near(fast, F.conv2d(x, w, b), 1e-5, f"1x1 conv, batch {batch}, {memory_format}", relative=True)
+
+
+@needs_nnpack
+def test_nnpack_is_chosen_for_3x3_from_32x32_positions_and_32_input_channels(monkeypatch):
     calls = []
-    monkeypatch.setattr(fk, "conv3x3_winograd", lambda *a: calls.append(a[0].shape) or F.conv2d(*a, padding=1))
+    monkeypatch.setattr(fk, "conv3x3_nnpack", lambda *a: calls.append(a[0].shape) or F.conv2d(*a, padding=1))
     g = torch.Generator().manual_seed(6)
     with torch.no_grad(), fk.fast_kernels():
-        for shape, out_ch in [((1, 256, 64, 65), 256), ((1, 256, 64, 65), 4), ((1, 128, 64, 64), 256),
-                              ((1, 256, 32, 32), 256), ((1, 256, 260, 256), 256)]:
+        for shape, out_ch in [((2, 32, 32, 32), 4), ((1, 16, 64, 64), 32), ((1, 64, 31, 32), 64),
+                              ((1, 64, 260, 256), 3)]:
             F.conv2d(torch.randn(*shape, generator=g), torch.randn(out_ch, shape[1], 3, 3, generator=g), padding=1)
-    assert calls == [(1, 256, 64, 65)]
+    assert calls == [(2, 32, 32, 32), (1, 64, 260, 256)]
 
 
-def test_kept_transforms_are_reused_until_the_weight_changes():
+@needs_nnpack
+def test_nnpack_runs_on_the_blocks_thread_which_ends_with_it(monkeypatch):
+    """torch keeps NNPACK's workspace per thread for the thread's life: the calls run on a thread of the block."""
+    threads = []
+    real = torch._nnpack_spatial_convolution
+    monkeypatch.setattr(torch, "_nnpack_spatial_convolution",
+                        lambda *a: threads.append(threading.current_thread()) or real(*a))
+    x, w = torch.randn(1, 32, 32, 32), torch.randn(8, 32, 3, 3)
+    with torch.no_grad(), fk.fast_kernels():
+        F.conv2d(x, w, padding=1)
+        F.conv2d(x, w, padding=1)
+    assert len(threads) == 2 and threads[0] is threads[1] and threads[0] is not threading.current_thread()
+    assert not threads[0].is_alive()
+
+
+@pytest.mark.parametrize("inference_weights", [False, True])
+def test_kept_transforms_are_reused_until_the_weight_changes(inference_weights):
     """keep_transforms=True (the denoising loop): one transform per weight, a new one after an in-place change,
-    none kept after the block; the results equal those made without keeping."""
+    none kept after the block; the results equal those made without keeping. Weights made in inference mode (which
+    have no version counter) too."""
     g = torch.Generator().manual_seed(7)
-    x, w, b = torch.randn(1, 8, 20, 20, generator=g), torch.randn(6, 8, 3, 3, generator=g), torch.randn(6, generator=g)
+    with torch.inference_mode(inference_weights):
+        x, w, b = (torch.randn(1, 8, 20, 20, generator=g), torch.randn(6, 8, 3, 3, generator=g),
+                   torch.randn(6, generator=g))
     made = []
 
     def count(weight):
         made.append(1)
-        return fk._winograd_weights(weight)
+        return fk._folded_kernels(weight)
 
-    with torch.no_grad(), fk.fast_kernels(keep_transforms=True):
-        first = [fk._transformed("winograd", w, count) for _ in range(3)]
+    with torch.inference_mode(), fk.fast_kernels(keep_transforms=True):
+        first = [fk._transformed("upsample2x", w, count) for _ in range(3)]
         assert len(made) == 1 and all(t is first[0] for t in first)
-        kept = fk.conv3x3_winograd(x, w, b)
-        w.mul_(2)
-        assert fk._transformed("winograd", w, count) is not first[0] and len(made) == 2
-        changed = fk.conv3x3_winograd(x, w, b)
+        kept = fk.upsample2x_conv3x3(x, w, b)
+        w2 = w * 2
+        assert fk._transformed("upsample2x", w2, count) is not first[0] and len(made) == 2
+        if not inference_weights:
+            with torch.no_grad():
+                w.mul_(2)  # in place: the same tensor, a new version
+            assert fk._transformed("upsample2x", w, count) is not first[0] and len(made) == 3
     assert not fk._blocks.kept
-    assert_near(kept, fk.conv3x3_winograd(x, w / 2, b), 1e-6, "kept transforms", relative=True)
-    assert_near(changed, F.conv2d(x, w, b, padding=1), 1e-4, "transforms after an in-place change", relative=True)
+    exact = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), w, b, padding=1)
+    assert_near(fk.upsample2x_conv3x3(x, w, b), exact, 1e-5, "folded kernels after a change", relative=True)
+    assert_near(kept, F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), w if inference_weights else w / 2,
+                               b, padding=1), 1e-5, "kept transforms", relative=True)
 
 
 def test_autograd_and_other_dtypes_run_the_exact_kernels():
@@ -167,11 +213,12 @@ def test_default_is_fast_and_the_environment_can_make_it_exact(tiny_checkpoint, 
 
 @pytest.mark.parametrize("scheduler", SCHEDULERS, ids=lambda s: s[0] + "".join(f"-{k}" for k in s[1]))
 def test_every_scheduler_fast_vs_exact(pipe, scheduler, monkeypatch):
-    """128x128 images, so that every fast path runs: im2col at the UNet's 4x4 level, folded upsampling and
-    channels-last convolutions in the VAE, Winograd (its thresholds lowered to the tiny model's 32-64 channels)
-    in the UNet's 16x16 level and the VAE's 32x32-64x64, with the UNet's weight transforms kept over the steps."""
-    monkeypatch.setattr(fk, "WINOGRAD_MIN_CHANNELS", 32)
-    monkeypatch.setattr(fk, "WINOGRAD_POSITIONS", (16 * 16, 64 * 64))
+    """128x128 images, so that every fast path runs: im2col at the UNet's 4x4 level, folded upsampling in the UNet
+    (its kernels kept over the steps) and the VAE, upsampling + NNPACK for the VAE's last upsampler, channels-last
+    and 1x1 convolutions, NNPACK in the VAE (in bands: NNPACK_CALL_BYTES lowered to 256 kB) and, its threshold
+    lowered, in the UNet's 16x16 level (the two guidance halves stacked)."""
+    monkeypatch.setattr(fk, "NNPACK_POSITIONS", 16 * 16)
+    monkeypatch.setattr(fk, "NNPACK_CALL_BYTES", 256 << 10)
     name, overrides = scheduler
     saved = pipe.scheduler
     pipe.scheduler = getattr(schedulers, name).from_config({**dict(saved.config), **overrides})
@@ -199,7 +246,7 @@ def test_compile_matches_exact(tiny_checkpoint):
     """pipe.compile() (torch.compile of the UNet, inductor's C++ kernels; ~1-2 min to compile on 2 cores)."""
     pipe = StableDiffusionDepth2ImgPipeline.from_pretrained(tiny_checkpoint)
     pipe.set_progress_bar_config(disable=True)
-    call = dict(prompt="a house", image=photo(64, 64, 5), num_inference_steps=2, output_type="np")
+    call = {"prompt": "a house", "image": photo(64, 64, 5), "num_inference_steps": 2, "output_type": "np"}
     pipe.set_exact(True)
     exact = pipe(generator=torch.Generator().manual_seed(0), **call).images
     pipe.compile()
