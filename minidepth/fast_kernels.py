@@ -11,7 +11,7 @@ about those defaults cost time (measured on a 2-core AMD EPYC, fp32, official SD
    compiled into PyTorch, implements F(6x6, 3x3) (8x8 tiles: 64 instead of 324 multiplications per 6x6 block and
    channel pair) in hand-written AVX2 / NEON code, as `torch._nnpack_spatial_convolution`: 124 -> 49 ms for the VAE's
    128 channels at 256x256, 225 -> 113 ms for its 512 at 128x128 (`conv3x3_nnpack`). Its rounding error is ~1e-5
-   of the output's scale instead of ~1e-6. PyTorch itself calls NNPACK only for training-size batches, and the
+   of the output's scale instead of ~1e-6. F.conv2d picks NNPACK only for batches of 16 or more, and the
    `torch._nnpack_spatial_convolution` wrapper keeps its workspace (several times the input) for the life of the
    thread; both are handled below: a whole batch as one tall image, calls limited to NNPACK_CALL_BYTES of input,
    and the calls made on the block's own thread, which ends with the block and frees the workspace.
