@@ -158,11 +158,15 @@ def conv3x3_nnpack(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         calls = [[(b, top, min(band, H - top))] for b in range(B) for top in range(0, H, band)]
     out = x.new_empty(B, weight.shape[0], H, W)
     for pieces in calls:
-        tall = x.new_zeros(C, sum(n + 2 for _, _, n in pieces), W)
+        tall = x.new_empty(C, sum(n + 2 for _, _, n in pieces), W)
         at = 0  # the piece's first row in `tall`, its zero / halo row above it
         for b, top, n in pieces:
             lo, hi = max(top - 1, 0), min(top + n + 1, H)  # image rows it reads, one above and below if there
             tall[:, at + 1 + lo - top:at + 1 + hi - top] = x[b, :, lo:hi]
+            if top == 0:
+                tall[:, at] = 0  # above the image: padding
+            if top + n == H:
+                tall[:, at + n + 1] = 0  # below it
             at += n + 2
         y = _nnpack(tall[None], weight, bias, [0, 1])[0]  # (O, rows - 2, W): output row i is centred on tall row i+1
         at = 0
@@ -195,6 +199,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> t
     stride, dilation = as_pair(stride), as_pair(dilation)
     H, W = x.shape[-2:]
     if (x.dim() == 4 and groups == 1 and stride == (1, 1) and dilation == (1, 1) and not isinstance(padding, str)
+            and all(k % 2 for k in weight.shape[-2:])  # an odd kernel with half its size as padding: same size out
             and tuple(as_pair(padding)) == tuple(k // 2 for k in weight.shape[-2:])):
         if H * W <= LOW_RES_POSITIONS:
             return conv2d_as_matmul(x, weight, bias, as_pair(padding))
