@@ -18,7 +18,8 @@ about those defaults cost time (measured on a 2-core AMD EPYC, fp32, official SD
 2. At the UNet's lowest resolutions (4x4, 8x8 latents) a convolution does little arithmetic per weight, and oneDNN's
    weight reorder (59-118 MB for a 1280-channel 3x3 kernel, into freshly allocated memory) dominates: 23 ms for a
    2x1280x4x4 input, of which 9 ms is the actual product. Written as im2col + one matrix product, the weight is
-   used where it lies: (B, C, H, W) -> unfold -> (B*H*W, C*9) @ weight(O, C*9)^T -> (B, O, H, W).
+   used where it lies: (B, C, H, W) -> unfold -> (B*Ho*Wo, C*9) @ weight(O, C*9)^T -> (B, O, Ho, Wo). The same for
+   the stride-2 downsampling to 8x8 or less: 25 -> 8 ms for 1280 channels at 8x8 -> 4x4.
 3. Nearest 2x upsampling followed by a 3x3 convolution (every upsampler in the UNet and the VAE decoder) convolves an
    image in which each pixel appears four times. Each of the four output phases (even/odd row, even/odd column) is a
    2x2 convolution of the small image with summed weights, so the same result takes 4 instead of 9 multiply-adds
@@ -52,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-LOW_RES_POSITIONS = 8 * 8  # up to this many positions per image: convolution as one matrix product (point 2)
+LOW_RES_POSITIONS = 8 * 8  # up to this many output positions per image: convolution as one matrix product (point 2)
 HIGH_RES_POSITIONS = 128 * 128  # from this many positions on: channels-last convolution (point 5)
 NNPACK_POSITIONS = 32 * 32  # 3x3 convolutions from this many positions per image on ...
 NNPACK_MIN_CHANNELS = 32  # ... with at least this many input channels: NNPACK's Winograd (point 1)
@@ -106,17 +107,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-def conv2d_as_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding) -> torch.Tensor:
-    """A stride-1 convolution as im2col + one matrix product (point 2 above).
+def conv2d_as_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding,
+                     out_size: tuple[int, int]) -> torch.Tensor:
+    """A convolution as im2col + one matrix product (point 2 above).
 
-    x: (B, C, H, W) -> unfold -> (B, C*kh*kw, H*W) -> (B*H*W, C*kh*kw); weight (O, C, kh, kw) viewed as (O, C*kh*kw);
-    product (B*H*W, O), returned as (B, O, H, W) in channels-last memory layout (no copy).
+    x: (B, C, H, W) -> unfold -> (B, C*kh*kw, Ho*Wo) -> (B*Ho*Wo, C*kh*kw); weight (O, C, kh, kw) viewed as
+    (O, C*kh*kw); product (B*Ho*Wo, O), returned as (B, O, Ho, Wo) in channels-last memory layout (no copy).
     """
-    B, _, H, W = x.shape
+    B = x.shape[0]
     O, _, kh, kw = weight.shape
-    cols = F.unfold(x, (kh, kw), padding=padding)  # (B, C*kh*kw, H*W)
-    out = linear(cols.transpose(1, 2).reshape(B * H * W, -1), weight.reshape(O, -1), bias)  # (B*H*W, O)
-    return out.view(B, H, W, O).permute(0, 3, 1, 2)
+    cols = F.unfold(x, (kh, kw), padding=padding, stride=stride)  # (B, C*kh*kw, Ho*Wo)
+    out = linear(cols.transpose(1, 2).reshape(B * out_size[0] * out_size[1], -1), weight.reshape(O, -1), bias)
+    return out.view(B, *out_size, O).permute(0, 3, 1, 2)
 
 
 @functools.cache
@@ -189,8 +191,8 @@ def conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 
 
 def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
-    """F.conv2d: as a matrix product at the lowest resolutions and for 1x1 kernels, NNPACK for 3x3 kernels from
-    32x32 positions, channels-last for the rest from 128x128, else unchanged.
+    """F.conv2d: as a matrix product when the output has at most 8x8 positions and for 1x1 kernels, NNPACK for
+    3x3 kernels from 32x32 positions, channels-last for the rest from 128x128, else unchanged.
 
     Elsewhere in between (the UNet's 16x16 latents, 640-2560 channels) the weights are larger than the activations:
     NNPACK's weight transform and channels-last (which copies the NCHW weight into NHWC on every call) were both
@@ -198,15 +200,16 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> t
     as_pair = torch.nn.modules.utils._pair
     stride, dilation = as_pair(stride), as_pair(dilation)
     H, W = x.shape[-2:]
-    if (x.dim() == 4 and groups == 1 and stride == (1, 1) and dilation == (1, 1) and not isinstance(padding, str)
-            and all(k % 2 for k in weight.shape[-2:])  # an odd kernel with half its size as padding: same size out
-            and tuple(as_pair(padding)) == tuple(k // 2 for k in weight.shape[-2:])):
-        if H * W <= LOW_RES_POSITIONS:
-            return conv2d_as_matmul(x, weight, bias, as_pair(padding))
-        if weight.shape[-2:] == (1, 1):
+    if x.dim() == 4 and groups == 1 and dilation == (1, 1) and not isinstance(padding, str):
+        padding = as_pair(padding)
+        kh, kw = weight.shape[-2:]
+        out_size = ((H + 2 * padding[0] - kh) // stride[0] + 1, (W + 2 * padding[1] - kw) // stride[1] + 1)
+        if min(out_size) > 0 and out_size[0] * out_size[1] <= LOW_RES_POSITIONS:
+            return conv2d_as_matmul(x, weight, bias, stride, padding, out_size)
+        if stride == (1, 1) and out_size == (H, W) and (kh, kw) == (1, 1):
             return conv1x1(x, weight, bias)
-        if (weight.shape[-2:] == (3, 3) and H * W >= NNPACK_POSITIONS and weight.shape[1] >= NNPACK_MIN_CHANNELS
-                and nnpack_available()):
+        if (stride == (1, 1) and out_size == (H, W) and (kh, kw) == (3, 3) and H * W >= NNPACK_POSITIONS
+                and weight.shape[1] >= NNPACK_MIN_CHANNELS and nnpack_available()):
             return conv3x3_nnpack(x, weight, bias)
     if H * W >= HIGH_RES_POSITIONS:
         x = x.contiguous(memory_format=torch.channels_last)  # no copy when it already is (our conv outputs are)

@@ -46,7 +46,8 @@ def test_linear(shape, bias):
     ((1, 8, 130, 129), 1, 1, 0),
     ((1, 8, 131, 129), 3, 2, 0),   # the VAE's stride-2 downsampling
     ((2, 16, 20, 20), 3, 1, 1),    # in between: unchanged
-    ((2, 16, 4, 4), 2, 1, 1),      # an even kernel: padding k // 2 makes the output one larger, unchanged
+    ((2, 16, 4, 4), 2, 1, 1),      # an even kernel: padding k // 2 makes the output one larger
+    ((2, 16, 16, 15), 3, 2, 1),    # stride 2 to 8x8 outputs: im2col + one matrix product
     ((1, 8, 130, 129), 2, 1, 1),
 ])
 def test_conv2d(shape, kernel, stride, padding):
