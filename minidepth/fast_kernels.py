@@ -206,9 +206,10 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> t
         out_size = ((H + 2 * padding[0] - kh) // stride[0] + 1, (W + 2 * padding[1] - kw) // stride[1] + 1)
         if min(out_size) > 0 and out_size[0] * out_size[1] <= LOW_RES_POSITIONS:
             return conv2d_as_matmul(x, weight, bias, stride, padding, out_size)
-        if stride == (1, 1) and out_size == (H, W) and (kh, kw) == (1, 1):
+        same_size = stride == (1, 1) and out_size == (H, W)  # an odd kernel, half its size as padding
+        if same_size and (kh, kw) == (1, 1):
             return conv1x1(x, weight, bias)
-        if (stride == (1, 1) and out_size == (H, W) and (kh, kw) == (3, 3) and H * W >= NNPACK_POSITIONS
+        if (same_size and (kh, kw) == (3, 3) and H * W >= NNPACK_POSITIONS
                 and weight.shape[1] >= NNPACK_MIN_CHANNELS and nnpack_available()):
             return conv3x3_nnpack(x, weight, bias)
     if H * W >= HIGH_RES_POSITIONS:
