@@ -20,7 +20,10 @@ _SCHEDULER_NAMES = (
 _EXPORTS = {  # public name -> the module that defines it
     "StableDiffusionDepth2ImgPipeline": ".pipeline", "DepthToImage": ".pipeline", "PipelineOutput": ".pipeline",
     "estimate_depth": ".depth", "prepare_depth_map": ".depth", "save_depth_image": ".depth",
-    "load_image": ".image_processing", **dict.fromkeys(_SCHEDULER_NAMES, ".schedulers")}
+    "load_image": ".image_processing", **dict.fromkeys(_SCHEDULER_NAMES, ".schedulers"),
+    "UNet": ".models.unet", "AutoencoderKL": ".models.autoencoder", "CLIPTextModel": ".models.clip_text",
+    "DPTDepthModel": ".models.dpt"}
+_NETWORKS = ("UNet", "AutoencoderKL", "CLIPTextModel", "DPTDepthModel")  # with their loading side (checkpoints/)
 __all__ = list(_EXPORTS)
 
 
@@ -28,6 +31,8 @@ def __getattr__(name):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'minidepth' has no attribute {name!r}")
     value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    if name in _NETWORKS:  # `UNet.from_pretrained` works once the checkpoint side is imported (models/loadable.py)
+        importlib.import_module(".checkpoints", __name__)
     globals()[name] = value
     return value
 

@@ -35,7 +35,7 @@ about those defaults cost time (measured on a 2-core AMD EPYC, fp32, official SD
    which oneDNN reads and writes as it is (the VAE's 3-channel input: 99 -> 48 ms at 512x512).
 
 `fast_kernels()` is a context manager that routes `F.linear` and `F.conv2d` calls made inside it (by any module) to
-those kernels, when they are CPU float32 inference calls (no autograd graph being recorded); every other call, and
+those kernels (and notes which tensors are nearest 2x upsamplings, for point 3), when they are CPU float32 inference calls (no autograd graph being recorded); every other call, and
 every call on other devices, dtypes, or with autograd, runs unchanged. The pipeline wraps its model calls in it
 unless `pipe.set_exact(True)`: then everything is bit-identical to diffusers again. The difference between the two
 modes is float rounding only (summation order); the test suite checks it stays below 1e-3 on the output image.
@@ -51,6 +51,7 @@ import threading
 
 import torch
 import torch.nn.functional as F
+import torch.utils.weak
 from torch.overrides import TorchFunctionMode
 
 LOW_RES_POSITIONS = 8 * 8  # up to this many output positions per image: convolution as one matrix product (point 2)
@@ -64,7 +65,7 @@ _blocks = threading.local()  # per open fast_kernels block of this thread: .kept
 
 
 def active() -> bool:
-    """A `fast_kernels()` block is running (the Upsample modules ask)."""
+    """A `fast_kernels()` block is running."""
     return any(isinstance(mode, _FastKernels) for mode in torch.overrides._get_current_function_mode_stack())
 
 
@@ -227,16 +228,20 @@ _FOLD = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]],    # phase 0: 2 taps f
 _FOLD_2D = torch.einsum("pay,qbx->pqabyx", _FOLD, _FOLD).reshape(16, 9)  # (row phase, col phase, 2x2 tap) <- 3x3 tap
 
 
-def can_fold_upsample(x: torch.Tensor, conv: torch.nn.Conv2d, size) -> bool:
-    """Upsample(x) may use `upsample2x_conv3x3`: fast kernels on, a plain 3x3 padding-1 convolution without hooks
-    (a LoRA adds its update through a forward hook), an exact doubling, CPU fp32 inference, at least 16x16 input."""
-    H, W = x.shape[-2:]
-    if nnpack_available() and 4 * H * W >= HIGH_RES_POSITIONS:  # upsampled, then NNPACK's Winograd: faster still
+def _foldable_upsample(x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+    """`F.interpolate(x, ...)` is a nearest exact doubling that `upsample2x_conv3x3` can fold into the convolution
+    after it: CPU fp32 inference, a 4-D input of at least 16x16 (from 128x128 output positions upsampling + NNPACK's
+    Winograd is faster still)."""
+    def arg(i, name, default=None):
+        return args[i] if len(args) > i else kwargs.get(name, default)
+    if x.dim() != 4 or arg(3, "mode", "nearest") != "nearest" or not _cpu_inference(x):
         return False
-    return (active() and H * W >= 16 * 16 and (size is None or tuple(size) == (2 * H, 2 * W))
-            and conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv.stride == (1, 1)
-            and conv.dilation == (1, 1) and conv.groups == 1 and not conv._forward_hooks
-            and not conv._forward_pre_hooks and _cpu_inference(x, conv.weight, conv.bias))
+    H, W = x.shape[-2:]
+    size, scale = arg(1, "size"), arg(2, "scale_factor")
+    doubling = (tuple(size) == (2 * H, 2 * W)) if size is not None else scale in (2, 2.0, (2, 2), (2.0, 2.0))
+    if not doubling or H * W < 16 * 16:
+        return False
+    return not (nnpack_available() and 4 * H * W >= HIGH_RES_POSITIONS)
 
 
 def _folded_kernels(weight: torch.Tensor) -> torch.Tensor:
@@ -281,6 +286,8 @@ class _FastKernels(TorchFunctionMode):
     def __init__(self, keep_transforms: bool = False):
         super().__init__()
         self.keep_transforms = keep_transforms
+        # upsampled image -> the image it was upsampled from, while the upsampled one lives (point 3)
+        self.upsampled = torch.utils.weak.WeakIdKeyDictionary()
 
     def __enter__(self):
         if self.keep_transforms:
@@ -305,8 +312,28 @@ class _FastKernels(TorchFunctionMode):
         if func is F.linear or func is F.conv2d:
             tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
             if _cpu_inference(*tensors):  # (the mode is switched off while this handler runs: no recursion)
+                if func is F.conv2d and args and args[0] in self.upsampled:  # point 3: upsample + conv, folded
+                    folded = _folded_conv(self.upsampled[args[0]], *args[1:], **kwargs)
+                    if folded is not None:
+                        return folded
                 return (linear if func is F.linear else conv2d)(*args, **kwargs)
+        if func is F.interpolate and args and isinstance(args[0], torch.Tensor):
+            out = func(*args, **kwargs)
+            if _foldable_upsample(args[0], args, kwargs):
+                self.upsampled[out] = args[0]  # the small image, for the convolution that reads `out` (if any)
+            return out
         return func(*args, **kwargs)
+
+
+def _folded_conv(small: torch.Tensor, weight: torch.Tensor, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """conv2d(upsampled, weight, ...) computed from the image before its nearest 2x upsampling, for a plain 3x3
+    convolution with padding 1 (every upsampler of the UNet and the VAE); None for any other convolution. A LoRA on
+    that convolution still adds its update through its forward hook, from the upsampled image."""
+    pair = torch.nn.modules.utils._pair
+    if (weight.shape[-2:] == (3, 3) and pair(stride) == (1, 1) and pair(padding) == (1, 1)
+            and pair(dilation) == (1, 1) and groups == 1):
+        return upsample2x_conv3x3(small, weight, bias)
+    return None
 
 
 def fast_kernels(enabled: bool = True, keep_transforms: bool = False):

@@ -228,8 +228,7 @@ def generate_ldm(pipe, *, prompt=None, image=None, depth_map=None, strength=None
                  crop_padding: bool = False, **kwargs):
     """`pipe(..., mode="ldm")`. `crop_padding=True` crops the images back to the input's size (the script returns them
     padded); latents (output_type="latent") are never cropped. Returns what the pipeline returns."""
-    from .pipeline import PipelineOutput
-    from .pipeline_io import check_call_arguments
+    from .pipeline_io import PipelineOutput, check_call_arguments, split_lora_scale
     if mode != "ldm":
         raise ValueError(f"`mode` must be 'diffusers' or 'ldm', got {mode!r}")
     if kwargs:
@@ -239,6 +238,7 @@ def generate_ldm(pipe, *, prompt=None, image=None, depth_map=None, strength=None
     if depth_map is not None:
         raise ValueError("mode='ldm' estimates depth with MiDaS as the original script does; `depth_map` is not "
                          "supported there (use mode='diffusers')")
+    pipe._check_lora_scale(cross_attention_kwargs)
     check_call_arguments(pipe, prompt=prompt, image=image, strength=strength, num_inference_steps=num_inference_steps,
                          guidance_scale=guidance_scale, negative_prompt=negative_prompt,
                          num_images_per_prompt=num_images_per_prompt, generator=generator,
@@ -292,7 +292,8 @@ def generate_ldm(pipe, *, prompt=None, image=None, depth_map=None, strength=None
 
     # decode(z_enc, cond, t_enc): grid entries t_enc - 1 ... 0 (the off-by-one, see the module docstring)
     steps = np.flip(schedule.timesteps[:t_enc])
-    with pipe._running(pipe.unet), tqdm(total=len(steps), **pipe._progress_bar_config) as bar:
+    lora, cross_attention_kwargs = split_lora_scale(cross_attention_kwargs)  # strength -> adapters.lora_scale
+    with pipe._running(pipe.unet, lora), tqdm(total=len(steps), **pipe._progress_bar_config) as bar:
         for i, step in enumerate(steps):
             index = t_enc - i - 1
             x_in = torch.cat([latents] * 2) if do_cfg else latents

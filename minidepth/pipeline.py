@@ -19,7 +19,7 @@ import contextlib
 import inspect
 import logging
 import os
-from dataclasses import dataclass
+import warnings
 from typing import Any, Callable
 
 import PIL.Image
@@ -27,20 +27,15 @@ import torch
 from tqdm.auto import tqdm
 
 from . import image_processing
-from .adapters.lora import lora_scale as scaled_lora
+from .adapters.lora import lora_layers, lora_scale
 from .adapters.pipeline import AdaptersMixin
 from .fast_kernels import fast_kernels
 from .noise import randn_tensor
-from .pipeline_io import check_call_arguments, load_components, save_components
+from .checkpoints.components import load_components, save_components
+from .pipeline_io import PipelineOutput, check_call_arguments, split_lora_scale
 
 logger = logging.getLogger(__name__)
 CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "negative_prompt_embeds", "depth_mask")
-
-
-@dataclass
-class PipelineOutput:
-    """`images`: a list of PIL images, a (B, H, W, 3) numpy array, a (B, 3, H, W) tensor, or latents (B, 4, h, w)."""
-    images: Any
 
 
 class StableDiffusionDepth2ImgPipeline(AdaptersMixin):
@@ -157,11 +152,13 @@ class StableDiffusionDepth2ImgPipeline(AdaptersMixin):
         self.unet.compile(**options)
 
     @contextlib.contextmanager
-    def _running(self, model: torch.nn.Module):
-        """Run `model` for the duration of the block: with the fast kernels unless `set_exact(True)`, and with CPU
-        offload on, on the accelerator (back on the CPU after)."""
+    def _running(self, model: torch.nn.Module, lora: float | None = None):
+        """Run `model` for the duration of the block: with the fast kernels unless `set_exact(True)`, its LoRA
+        adapters at strength `lora` (the call's cross_attention_kwargs["scale"]), and with CPU offload on, on the
+        accelerator (back on the CPU after)."""
         compiled = getattr(model, "_compiled_call_impl", None) is not None  # see compile()
-        with fast_kernels(enabled=not self.exact and not compiled, keep_transforms=model is self.unet):
+        with fast_kernels(enabled=not self.exact and not compiled, keep_transforms=model is self.unet), \
+                lora_scale(model, lora):
             if self._offload_device is None:
                 yield model
                 return
@@ -171,15 +168,16 @@ class StableDiffusionDepth2ImgPipeline(AdaptersMixin):
             finally:
                 model.to("cpu")
 
+    def _check_lora_scale(self, cross_attention_kwargs: dict | None) -> None:
+        """A LoRA strength with no LoRA loaded changes nothing: say so."""
+        scale, _ = split_lora_scale(cross_attention_kwargs)
+        if scale not in (None, 1.0) and not any(next(lora_layers(m), None) for m in (self.unet, self.text_encoder)):
+            warnings.warn(f"cross_attention_kwargs['scale']={scale} has no effect: no LoRA layers are loaded (load "
+                          "some with pipe.load_lora_weights)", UserWarning, stacklevel=3)
+
     def set_progress_bar_config(self, **kwargs) -> None:
         """Options for the tqdm progress bar, e.g. `disable=True`."""
         self._progress_bar_config = kwargs
-
-    def record_attention(self, words: list[str] | None = None, **kwargs):
-        """`with pipe.record_attention() as rec: pipe(...)`, then `rec.word_maps(["cat"])`: cross-attention maps per
-        word, the image unchanged (rules: minidepth/inside/attention_maps.py)."""
-        from .inside.attention_maps import AttentionRecorder
-        return AttentionRecorder(self, words, **kwargs)
 
     # ------------------------------------------------------------------------------------------ the steps
     @torch.no_grad()
@@ -193,7 +191,7 @@ class StableDiffusionDepth2ImgPipeline(AdaptersMixin):
         `lora_scale` scales the text encoder's LoRA adapters while encoding (the call's cross_attention_kwargs["scale"])."""
         device = self.device
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
-        with self._running(self.text_encoder), scaled_lora(self.text_encoder, lora_scale):
+        with self._running(self.text_encoder, lora_scale):
             if prompt_embeds is None:
                 prompt_embeds = self._embed(prompt if isinstance(prompt, list) else [prompt], clip_skip)
             dtype = self.text_encoder.dtype if self.text_encoder is not None else prompt_embeds.dtype
@@ -292,7 +290,8 @@ class StableDiffusionDepth2ImgPipeline(AdaptersMixin):
         extra_step_kwargs = extra_step_kwargs or {}
         num_inference_steps = num_inference_steps or len(timesteps)
         num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
-        with self._running(self.unet), tqdm(total=num_inference_steps, **self._progress_bar_config) as bar:
+        lora, cross_attention_kwargs = split_lora_scale(cross_attention_kwargs)  # strength -> adapters.lora_scale
+        with self._running(self.unet, lora), tqdm(total=num_inference_steps, **self._progress_bar_config) as bar:
             for i, t in enumerate(timesteps):
                 x = torch.cat([latents] * 2) if do_cfg else latents  # (2B, 4, h, w) with guidance
                 x = self.scheduler.scale_model_input(x, t)
@@ -367,6 +366,7 @@ class StableDiffusionDepth2ImgPipeline(AdaptersMixin):
         if not image_processing.is_latents(image):
             checked = image_processing.check_image(image)  # PIL images come back as RGB
             image = checked if isinstance(checked[0], PIL.Image.Image) else image
+        self._check_lora_scale(cross_attention_kwargs)
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
         do_cfg = guidance_scale > 1
 

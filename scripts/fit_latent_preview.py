@@ -17,7 +17,7 @@ import torch
 
 from minidepth.image_processing import load_image, preprocess
 from minidepth.inside.filmstrip import fit_latent_preview
-from minidepth.models.autoencoder import AutoencoderKL
+from minidepth import AutoencoderKL  # with its loading side (minidepth/checkpoints)
 
 
 def synthetic_images(n: int, size: int = 256, seed: int = 0) -> torch.Tensor:

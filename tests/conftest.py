@@ -13,6 +13,11 @@ import pytest
 import torch
 
 import factory
+
+# Model classes get from_pretrained & co. from minidepth.checkpoints once it is imported (models/loadable.py): the
+# tests use them as a user who imported the pipeline or `from minidepth import UNet` would. (A fresh process without
+# it gets a clear error: tests/test_package.py::test_loading_without_the_checkpoint_side_says_what_to_import.)
+import minidepth.checkpoints  # noqa: E402,F401,I001
 import parity
 
 

@@ -4,7 +4,7 @@ diffusers' pipeline runs on the same tiny checkpoint with a diffusers attention 
 records softmax(QK^T/sqrt(d)) (diffusers' own `get_attention_scores`); the test then applies the documented rules
 itself (conditional half, mean over heads, layers with a map side >= 1/32 of the image side, bicubic upsampling, clamp
 at 0, mean over layers and calls, mean over a word's tokens, min-max normalisation) and compares with
-`pipe.record_attention()`. The image is 96x64 (latents 12x8), so the 2x1 grid of the tiny UNet's lowest level (its mid
+`record_attention(pipe)`. The image is 96x64 (latents 12x8), so the 2x1 grid of the tiny UNet's lowest level (its mid
 block) is left out by the 1/32 rule while the 3x2 grid is kept.
 """
 
@@ -16,6 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_pipeline import photo
+
+from minidepth.inside.attention_maps import record_attention
 
 PROMPT = "a marble statue of a cat, photorealistic"
 WORDS = ["statue", "cat", "photorealistic"]  # "photorealistic" is two BPE tokens
@@ -81,7 +83,7 @@ def reference_maps(checkpoint, image):
 
 def test_word_maps_equal_an_independent_computation_from_diffusers(ours, tiny_checkpoint):
     image = photo(W, H)
-    with ours.record_attention(WORDS) as rec:
+    with record_attention(ours, WORDS) as rec:
         ours(image=image, generator=torch.Generator().manual_seed(0), **KW)
     expected, count = reference_maps(tiny_checkpoint, image)
     assert rec.count == count == 9 * 4  # 9 attn2 layers on the 8x12, 4x6 and 3x2 grids; 4 UNet calls (PNDM)
@@ -105,7 +107,7 @@ def test_recording_leaves_the_image_bit_identical(ours, backend):
         image = photo(W, H)
         run = lambda: ours(image=image, generator=torch.Generator().manual_seed(1), **KW).images
         plain = run()
-        with ours.record_attention(["cat"]) as rec:
+        with record_attention(ours, ["cat"]) as rec:
             recorded = run()
         assert np.array_equal(plain, recorded)
         assert rec.sums.shape == (1, 11, H, W)  # only the prompt's own tokens (BOS ... EOS) are summed
@@ -118,7 +120,7 @@ def test_word_not_in_prompt_fails_before_any_work(ours):
     calls = []
     hook = ours.text_encoder.register_forward_hook(lambda *a: calls.append(1))
     try:
-        with pytest.raises(ValueError, match="'dog' not in the prompt"), ours.record_attention(["cat", "dog"]):
+        with pytest.raises(ValueError, match="'dog' not in the prompt"), record_attention(ours, ["cat", "dog"]):
             ours(image=photo(W, H), **KW)
         assert calls == []
     finally:
@@ -126,7 +128,7 @@ def test_word_not_in_prompt_fails_before_any_work(ours):
 
 
 def test_batches_and_saved_overlays(ours, tmp_path):
-    with ours.record_attention() as rec:
+    with record_attention(ours) as rec:
         out = ours(image=photo(W, H), prompt=["a cat", "a marble statue"], num_images_per_prompt=2,
                    num_inference_steps=2, generator=torch.Generator().manual_seed(0))
     assert rec.prompts == ["a cat", "a cat", "a marble statue", "a marble statue"]

@@ -20,7 +20,7 @@ import PIL.Image
 import pytest
 
 import factory
-from minidepth import batch, batch_jobs
+from minidepth.cli import batch_jobs
 from test_cli import REPO, photo
 
 JOBS = [{"image": "a.png", "prompt": "a cabin in the snow", "seed": 1, "steps": 4},

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import factory
-from minidepth import cli
+from minidepth.cli import command as cli
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a wooden cabin in the snow"
@@ -197,7 +197,7 @@ def test_depth_map_input_scheduler_and_numbering(work, depth_files, pipe):
     for i, ref in enumerate(refs, start=1):
         assert_same_pixels(pixels(folder / f"multi-{i}.png"), ref, f"multi-{i}.png")
     assert not (folder / "multi.png").exists()
-    from minidepth.png_metadata import read_settings
+    from minidepth.cli.png_metadata import read_settings
     for i, seed in ((1, 3), (2, 4)):  # image i has seed + i - 1, as in AUTOMATIC1111
         settings, text = read_settings(folder / f"multi-{i}.png")
         assert settings["seed"] == seed and f"Seed: {seed}," in text and "Sampler: Euler a," in text

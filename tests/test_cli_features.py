@@ -20,8 +20,8 @@ import torch
 
 import factory
 from test_cli import PROMPT, REPO, assert_one_line_error, assert_same_pixels, minidepth, photo, pixels, warnings_in
-from minidepth import cli
-from minidepth.png_metadata import parameters_text, parse_parameters_text, read_settings
+from minidepth.cli import command as cli
+from minidepth.cli.png_metadata import parameters_text, parse_parameters_text, read_settings
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_checks_run_before_torch_is_imported(work):
     second instead of after the imports and the model loading), each as one line naming the option."""
     folder, model = work
     photo(1, 1).save(folder / "one.png")
-    from minidepth.png_metadata import png_info
+    from minidepth.cli.png_metadata import png_info
     record = {"prompt": PROMPT, "steps": 2, "guidance": 7.5, "seed": 1, "size": [8, 8], "strength": 0.8,
               "image": str(folder / "gone.png")}
     photo(8, 8).save(folder / "moved.png", pnginfo=png_info(record))

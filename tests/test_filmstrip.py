@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_pipeline import photo
 
-from minidepth import cli
+from minidepth.cli import command as cli
 from minidepth.inside.filmstrip import LATENT_RGB, fit_latent_preview, latent_preview, record_filmstrip
 
 KW = dict(prompt="a wooden cabin in the snow", num_inference_steps=5, output_type="np")

@@ -315,6 +315,6 @@ def test_cli_mode_ldm(pipe, tmp_path, capsys):
     with PIL.Image.open(out) as img:
         assert img.size == (100, 68)
         assert np.array_equal(np.asarray(img), np.asarray(expected))     # guidance 9.0, strength 0.9 by default
-    from minidepth.png_metadata import read_settings
+    from minidepth.cli.png_metadata import read_settings
     settings, _ = read_settings(out)
     assert settings["mode"] == "ldm" and settings["guidance"] == 9.0 and settings["strength"] == 0.9

@@ -216,6 +216,8 @@ def test_names_hooks_and_unload(clean, image, base_image, kohya_file):
 
 def test_scale_without_lora_warns(pipes, image):
     with pytest.warns(UserWarning, match="no LoRA layers"):
+        run(pipes[0], image, cross_attention_kwargs={"scale": 0.5})
+    with pytest.warns(UserWarning, match="lora_scale"):  # a direct UNet call: the strength is the pipeline's (or lora_scale)
         pipes[0].unet(torch.zeros(1, 5, 8, 8), 1, torch.zeros(1, 77, 32), cross_attention_kwargs={"scale": 0.5})
 
 

@@ -90,7 +90,7 @@ def test_folder_to_file_to_folder_to_file_keeps_every_tensor(tiny, tmp_path):
     first, second = load_file(str(path)), load_file(str(again))
     assert sorted(first) == sorted(second)
     assert all(torch.equal(first[k], second[k]) for k in first)
-    from minidepth.pipeline_io import load_components
+    from minidepth.checkpoints.components import load_components
     a, b = load_components(folder), load_components(back)
     for name in ("unet", "vae", "text_encoder", "depth_estimator"):
         sa, sb = a[name].state_dict(), b[name].state_dict()

@@ -9,7 +9,7 @@ import factory
 import pytest
 import torch
 
-from minidepth import cli
+from minidepth.cli import command as cli
 from minidepth.inside.tour import architecture_tour, flop_counter, unet_calls
 
 

@@ -24,7 +24,7 @@ from test_pipeline import assert_close, photo
 from minidepth import StableDiffusionDepth2ImgPipeline
 from minidepth.train import TrainConfig, TrainError, loop, objective, train_lora
 from minidepth.train import data as train_data
-from minidepth.train.options import check_config
+from minidepth.train.config import check_config
 
 REPO = Path(__file__).resolve().parents[1]
 RES = 64  # latents 8x8 (at 4x4 the tiny UNet's GroupNorms on 1x1 maps amplify float rounding)

@@ -69,7 +69,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("web")
-    from minidepth.web import SAMPLE_PHOTO
+    from minidepth.cli.serve import SAMPLE_PHOTO
     with PIL.Image.open(SAMPLE_PHOTO) as sample:  # the bundled sample, small: the tiny model runs in a second
         sample.resize((128, 96), PIL.Image.LANCZOS).save(folder / "photo.png")
     return folder

@@ -24,9 +24,6 @@ hooks, no extra attributes). Fusing (`fuse`) adds scale · B A into W itself (fo
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
-import warnings
 from collections.abc import Iterator
 
 import torch
@@ -177,7 +174,12 @@ def remove_adapters(model: nn.Module | None, name: str | None = None) -> None:
 @contextlib.contextmanager
 def lora_scale(model: nn.Module | None, scale: float | None):
     """Within the block, every adapter of `model` adds its update times `scale` (diffusers' `scale_lora_layers`).
-    scale None or 1: nothing to do."""
+    scale None or 1: nothing to do. The one way a LoRA strength reaches a network: the pipeline runs its text encoder
+    and UNet inside it with the call's cross_attention_kwargs["scale"]; a direct call does the same:
+
+        with lora_scale(unet, 0.5):
+            noise = unet(x, t, text)
+    """
     layers = [layer.lora for _, layer in lora_layers(model)] if scale not in (None, 1.0) else []
     for adapters in layers:
         adapters.call_scale = float(scale)
@@ -186,27 +188,3 @@ def lora_scale(model: nn.Module | None, scale: float | None):
     finally:
         for adapters in layers:
             adapters.call_scale = 1.0
-
-
-def applies_lora_scale(forward):
-    """Decorator for a model's `forward(..., cross_attention_kwargs=None)`: takes the LoRA strength
-    `cross_attention_kwargs["scale"]` out of the dict (the attention processors never see it) and runs the forward
-    inside `lora_scale(model, scale)`, as diffusers' `apply_lora_scale` does."""
-    signature = inspect.signature(forward)
-
-    @functools.wraps(forward)
-    def wrapper(self, *args, **kwargs):
-        bound = signature.bind(self, *args, **kwargs)
-        kwargs_dict = bound.arguments.get("cross_attention_kwargs")
-        scale = 1.0
-        if kwargs_dict:
-            kwargs_dict = dict(kwargs_dict)
-            scale = kwargs_dict.pop("scale", 1.0)
-            bound.arguments["cross_attention_kwargs"] = kwargs_dict
-        if scale != 1.0 and next(lora_layers(self), None) is None:
-            warnings.warn(f"cross_attention_kwargs['scale']={scale} has no effect: this {type(self).__name__} has "
-                          "no LoRA layers (load some with pipe.load_lora_weights)", UserWarning, stacklevel=2)
-        with lora_scale(self, scale):
-            return forward(*bound.args, **bound.kwargs)
-
-    return wrapper

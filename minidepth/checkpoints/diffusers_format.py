@@ -4,7 +4,7 @@
     vae/   config.json + diffusion_pytorch_model[.fp16].safetensors   (diffusers' AutoencoderKL)
 
 Each config function spells out the traps of diffusers' keys; each key map lists how our parameter names become the
-file's (see keymap.py for the pattern syntax). `UNET` and `VAE` tie them together for `pretrained.Pretrained`.
+file's (see keymap.py for the pattern syntax). `UNET` and `VAE` tie them together, keyed by model class in `FOLDER_FORMATS` (read by pretrained.py).
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import dataclasses
 
 import torch
 
-from ..models.autoencoder import AutoencoderKLConfig
-from ..models.unet import UNetConfig
+from ..models.autoencoder import AutoencoderKL, AutoencoderKLConfig
+from ..models.unet import UNet, UNetConfig
 from .keymap import IDENTITY, KeyMap, Rule
-from .pretrained import FolderFormat
+from .layouts import FolderFormat
 
 
 # ------------------------------------------------------------------------------------------------ UNet config
@@ -184,3 +184,5 @@ UNET = FolderFormat(unet_config_from_dict, unet_config_to_dict, ("diffusion_pyto
 # dtype=None gives float32 for the VAE, as diffusers does (an fp16 variant is upcast)
 VAE = FolderFormat(vae_config_from_dict, vae_config_to_dict, ("diffusion_pytorch_model",), vae_keymap_for, VAE_KEYS,
                    "diffusion_pytorch_model.safetensors", default_dtype=torch.float32)
+
+FOLDER_FORMATS = {UNet: UNET, AutoencoderKL: VAE}

@@ -12,11 +12,13 @@ pair of concrete names, e.g. `down_blocks.1.resnets.0` <- `input_blocks.4.0`.
 
 from __future__ import annotations
 
-from ..models.autoencoder import AutoencoderKLConfig
-from ..models.unet import UNetConfig
+from ..models.autoencoder import AutoencoderKL, AutoencoderKLConfig
+from ..models.clip_text import CLIPTextModel
+from ..models.dpt import DPTDepthModel
+from ..models.unet import UNet, UNetConfig
 from .diffusers_format import TRANSFORMER_RENAMES, both_coders, inner_rules
 from .keymap import IDENTITY, KeyMap, Rule, prefixed
-from .pretrained import SingleFileLayout
+from .layouts import SingleFileLayout
 
 # ------------------------------------------------------------------------------------------------ UNet
 # LDM's ResBlock names: ours (= diffusers') -> theirs
@@ -179,10 +181,10 @@ DEPTH_MODEL_KEYS = KeyMap("LDM depth_model (MiDaS dpt_hybrid)", prefixed("depth_
 
 # ------------------------------------------------------------------------------------------------ where each network is
 LAYOUTS = {
-    "UNet": (SingleFileLayout("model.diffusion_model.", "model.diffusion_model.", unet_keymap),),
-    "AutoencoderKL": (SingleFileLayout("first_stage_model.", "first_stage_model.", vae_keymap),),
-    "CLIPTextModel": (SingleFileLayout("cond_stage_model.model.", "cond_stage_model.",
+    UNet: (SingleFileLayout("model.diffusion_model.", "model.diffusion_model.", unet_keymap),),
+    AutoencoderKL: (SingleFileLayout("first_stage_model.", "first_stage_model.", vae_keymap),),
+    CLIPTextModel: (SingleFileLayout("cond_stage_model.model.", "cond_stage_model.",
                                        lambda cfg: openclip_keymap(cfg.num_layers)),),
-    "DPTDepthModel": (SingleFileLayout("depth_model.model.", "depth_model.", lambda cfg: DEPTH_MODEL_KEYS),
+    DPTDepthModel: (SingleFileLayout("depth_model.model.", "depth_model.", lambda cfg: DEPTH_MODEL_KEYS),
                       SingleFileLayout("pretrained.model.", "", lambda cfg: MIDAS_KEYS)),  # MiDaS' own file
 }

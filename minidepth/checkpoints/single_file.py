@@ -226,7 +226,7 @@ def _warn_if_schedule_differs(file: TensorFile, scheduler_config: dict) -> None:
 def load_single_file(path: str | os.PathLike, config: str | os.PathLike | None = None, *,
                      dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> dict:
     """The seven pipeline components from one original single file (see the module docstring)."""
-    from ..depth import DPTImageProcessor
+    from ..dpt_processing import DPTImageProcessor
     from ..schedulers import scheduler_from_config
     from ..tokenizer import CLIPTokenizer
     folder = Path(config) if config is not None else PACKAGED_CONFIGS
@@ -283,7 +283,7 @@ def is_single_file(path: str | os.PathLike) -> bool:
 
 def folder_to_single_file(folder: str | os.PathLike, target: str | os.PathLike, *, fp16: bool = False) -> Path:
     """A diffusers folder (e.g. a fine-tuned model) -> one single file in the original names."""
-    from ..pipeline_io import load_components
+    from .components import load_components
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         raise CheckpointError(f"{folder}: not a diffusers checkpoint folder (no model_index.json)")
@@ -297,7 +297,7 @@ def single_file_to_folder(path: str | os.PathLike, target: str | os.PathLike, *,
                           config: str | os.PathLike | None = None) -> Path:
     """An original single file -> a diffusers folder (diffusers' `from_pretrained` reads it). With `fp16`, the
     `<weights>.fp16.safetensors` variant files are written next to the float32 files, as on the Hub."""
-    from ..pipeline_io import save_components
+    from .components import save_components
     from .pretrained import folder_format
     components = load_single_file(path, config)
     target = save_components(components, target)

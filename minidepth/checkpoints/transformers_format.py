@@ -4,15 +4,15 @@
     depth_estimator/  config.json + model[.fp16].safetensors   (transformers' DPTForDepthEstimation, hybrid)
 
 Each config function spells out the traps of transformers' keys; each key map lists how our parameter names become the
-file's (see keymap.py for the pattern syntax). `CLIP_TEXT` and `DPT` tie them together for `pretrained.Pretrained`.
+file's (see keymap.py for the pattern syntax). `CLIP_TEXT` and `DPT` tie them together, keyed by model class in `FOLDER_FORMATS` (read by pretrained.py).
 """
 
 from __future__ import annotations
 
-from ..models.clip_text import CLIPTextConfig
-from ..models.dpt import DPTConfig
+from ..models.clip_text import CLIPTextConfig, CLIPTextModel
+from ..models.dpt import DPTConfig, DPTDepthModel
 from .keymap import KeyMap, Rule
-from .pretrained import FolderFormat
+from .layouts import FolderFormat
 
 
 # ------------------------------------------------------------------------------------------------ text encoder
@@ -164,3 +164,5 @@ CLIP_TEXT = FolderFormat(clip_text_config_from_dict, clip_text_config_to_dict, (
                          clip_text_keymap_for, CLIP_TEXT_KEYS, "model.safetensors")
 DPT = FolderFormat(dpt_config_from_dict, dpt_config_to_dict, ("model", "pytorch_model"), lambda names: DPT_KEYS,
                    DPT_KEYS, "model.safetensors")
+
+FOLDER_FORMATS = {CLIPTextModel: CLIP_TEXT, DPTDepthModel: DPT}

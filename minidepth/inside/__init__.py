@@ -2,7 +2,7 @@
 
     tour.py            `architecture_tour(size=512)`: per model and block the output shape, parameters and GFLOP
                        (torch's FLOP counter on the meta device: no weights, no memory); `minidepth tour`
-    attention_maps.py  `AttentionRecorder` (`pipe.record_attention()`): cross-attention per word, DAAM-style
+    attention_maps.py  `AttentionRecorder` (`record_attention(pipe)`): cross-attention per word, DAAM-style
     filmstrip.py       `FilmstripRecorder` (`record_filmstrip(pipe)`): the predicted clean image x0 during denoising
     cli.py             the command-line side: `minidepth tour`, `generate --filmstrip --attention-maps`
 

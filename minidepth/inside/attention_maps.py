@@ -1,7 +1,7 @@
 """Where does each word of the prompt look? Cross-attention maps per word, in the spirit of DAAM (Tang et al. 2022,
 "What the DAAM: Interpreting Stable Diffusion Using Cross Attention").
 
-    with pipe.record_attention(words=["cat", "statue"]) as rec:     # words: optional, checked before any work
+    with record_attention(pipe, words=["cat", "statue"]) as rec:     # words: optional, checked before any work
         image = pipe("a marble statue of a cat", image=photo).images[0]
     maps = rec.word_maps(["cat", "statue"])                          # {"cat": (H, W) tensor in [0, 1], ...}
     rec.save("maps/", image)                                         # maps/attn-cat.png, maps/attn-statue.png
@@ -170,7 +170,7 @@ class AttentionRecorder:
     def token_maps(self, index: int = 0) -> torch.Tensor:
         """Raw map of every recorded token of batch row `index`: (tokens, H, W), position 0 = BOS (rule 6)."""
         if self.sums is None or self.count == 0:
-            raise RuntimeError("no attention was recorded: run the pipeline inside `with pipe.record_attention()`")
+            raise RuntimeError("no attention was recorded: run the pipeline inside `with record_attention(pipe)`")
         if not -self.sums.shape[0] <= index < self.sums.shape[0]:
             raise IndexError(f"index {index} out of range for {self.sums.shape[0]} images")
         return (self.sums[index] / self.count).cpu()
@@ -225,3 +225,9 @@ def heat_overlay(image: PIL.Image.Image, heat: torch.Tensor, alpha: float = 0.55
     grey = PIL.Image.merge("RGB", [base.convert("L")] * 3)  # the photo in grey, so the colours read as heat
     return PIL.Image.fromarray((np.asarray(grey, np.float32) * (1 - alpha) +
                                 np.asarray(colour, np.float32) * alpha).round().astype(np.uint8))
+
+
+def record_attention(pipe, words: list[str] | None = None, **kwargs) -> AttentionRecorder:
+    """`with record_attention(pipe, ["cat"]) as rec: pipe(...)`, then `rec.word_maps(["cat"])`: cross-attention maps
+    per word; the image is unchanged."""
+    return AttentionRecorder(pipe, words, **kwargs)

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoints.pretrained import Pretrained
 from ..noise import randn_tensor
 from .attention import Attention
+from .loadable import Loadable
 from .autoencoder_tiling import tiled_decode, tiled_encode
 from .blocks import ResnetBlock, Upsample
 
@@ -189,7 +189,7 @@ class Decoder(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ the autoencoder
-class AutoencoderKL(nn.Module, Pretrained):
+class AutoencoderKL(nn.Module, Loadable):
     """encode: images (B, 3, H, W) in [-1, 1] -> DiagonalGaussian over latents (B, 4, H/8, W/8);
     decode: latents (B, 4, h, w) (unscaled: divide the UNet's latents by `config.scaling_factor`) -> (B, 3, 8h, 8w)."""
 

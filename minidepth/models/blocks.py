@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .. import fast_kernels
 from .attention import Attention
 
 
@@ -75,8 +74,6 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        if fast_kernels.can_fold_upsample(x, self.conv, size):  # same maths, 2.25x fewer multiply-adds
-            return fast_kernels.upsample2x_conv3x3(x, self.conv.weight, self.conv.bias)
         if size is None:
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         else:

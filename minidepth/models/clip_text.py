@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoints.pretrained import Pretrained
 from .attention import Attention, name_attention_layers
+from .loadable import Loadable
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -95,7 +95,7 @@ class CLIPTextOutput:
     hidden_states: tuple[torch.Tensor, ...] | None = None  # n_layers + 1 of (B, L, D): embeddings, then each layer
 
 
-class CLIPTextModel(nn.Module, Pretrained):
+class CLIPTextModel(nn.Module, Loadable):
     """Token ids (B, L) -> token features (B, L, D). See the module docstring for the equations."""
 
     def __init__(self, cfg: CLIPTextConfig | None = None):

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ..checkpoints.pretrained import Pretrained
 from .attention import Attention, name_attention_layers
+from .loadable import Loadable
 from .bit_resnet import BiTResNet
 
 
@@ -228,7 +228,7 @@ class DPTNeck(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ the model
-class DPTDepthModel(nn.Module, Pretrained):
+class DPTDepthModel(nn.Module, Loadable):
     """DPT-Hybrid: pixels (B, 3, H, W) normalised to [-1, 1] -> predicted_depth (B, H, W), relative inverse depth."""
 
     def __init__(self, cfg: DPTConfig | None = None):

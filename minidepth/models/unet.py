@@ -43,15 +43,15 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters.lora import applies_lora_scale
-from ..checkpoints.pretrained import Pretrained
 from .attention import name_attention_layers
+from .loadable import Loadable
 from .blocks import Downsample, ResnetBlock, SpatialTransformer, Upsample
 
 
@@ -195,7 +195,7 @@ def _transformer(cfg: UNetConfig, ch: int, heads: int) -> SpatialTransformer:
 
 
 # ------------------------------------------------------------------------------------------------ the UNet
-class UNet(nn.Module, Pretrained):
+class UNet(nn.Module, Loadable):
     """sample (B, in_channels, H, W), timestep, encoder_hidden_states (B, S, Dc)
     -> noise prediction (B, out_channels, H, W)."""
 
@@ -235,14 +235,18 @@ class UNet(nn.Module, Pretrained):
     def device(self) -> torch.device:
         return self.conv_in.weight.device
 
-    @applies_lora_scale
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int, encoder_hidden_states: torch.Tensor,
                 cross_attention_kwargs: dict | None = None) -> torch.Tensor:
         """`timestep`: a number, a 0-d tensor, or a (1,) / (B,) tensor. `cross_attention_kwargs` goes to the attention
-        processors (see minidepth.models.attention); its "scale" key, the LoRA strength, is taken out by
-        `applies_lora_scale` (minidepth.adapters.lora), which scales the adapters' updates during this forward."""
+        processors (see minidepth.models.attention). Its "scale" key is diffusers' LoRA strength, which this network
+        does not read: LoRA lives in minidepth/adapters, and `adapters.lora.lora_scale(model, s)` applies a strength
+        (the pipeline does so for its call's cross_attention_kwargs["scale"])."""
         self._check_inputs(sample, encoder_hidden_states)
         cross_attention_kwargs = dict(cross_attention_kwargs or {})
+        if cross_attention_kwargs.pop("scale", 1.0) != 1.0:
+            warnings.warn("UNet: cross_attention_kwargs['scale'] (the LoRA strength) is applied by the pipeline; "
+                          "calling the UNet directly, use `with minidepth.adapters.lora.lora_scale(unet, scale):`",
+                          UserWarning, stacklevel=2)
         t = _timesteps(timestep, sample.shape[0], sample.device)
         t_emb = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
                                    self.config.freq_shift).to(sample.dtype)  # float32 -> model dtype, like diffusers

@@ -5,36 +5,33 @@
     scheduler.set_timesteps(50)
     for t in scheduler.timesteps:
         x = scheduler.step(model(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+
+    catalog.py   every scheduler class by name, `scheduler_from_config`
+    names.py     the names people type (`--scheduler dpm++2m-karras`, AUTOMATIC1111's "DPM++ 2M Karras"); no torch
+    common.py    betas, sigmas, timestep spacing, the config; one file per family (ddim.py, euler.py, ...)
+
+The public names are imported on first use, so `minidepth.schedulers.names` loads without torch.
 """
 
-from collections.abc import Mapping
+import importlib
 
-from .common import Scheduler, SchedulerConfig, SchedulerOutput, randn_tensor
-from .ddim import DDIMScheduler
-from .ddpm import DDPMScheduler
-from .deis import DEISMultistepScheduler
-from .dpmsolver import DPMSolverMultistepScheduler
-from .dpmsolver_singlestep import DPMSolverSinglestepScheduler
-from .euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
-from .heun import HeunDiscreteScheduler
-from .kdpm2 import KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler
-from .lms import LMSDiscreteScheduler
-from .pndm import PNDMScheduler
-from .unipc import UniPCMultistepScheduler
-
-SCHEDULERS: dict[str, type[Scheduler]] = {cls.__name__: cls for cls in (
-    DDIMScheduler, DDPMScheduler, PNDMScheduler, LMSDiscreteScheduler, EulerDiscreteScheduler,
-    EulerAncestralDiscreteScheduler, HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler,
-    DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, DEISMultistepScheduler, UniPCMultistepScheduler)}
+_EXPORTS = {name: ".catalog" for name in (
+    "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+    "DEISMultistepScheduler", "UniPCMultistepScheduler", "SCHEDULERS", "scheduler_from_config", "Scheduler",
+    "SchedulerConfig", "SchedulerOutput", "randn_tensor")}
+_EXPORTS.update(dict.fromkeys(("SCHEDULER_TABLE", "A1111_NAMES", "scheduler_by_name"), ".names"))
+__all__ = list(_EXPORTS)
 
 
-def scheduler_from_config(config: Mapping) -> Scheduler:
-    """Build the scheduler named by the config's `_class_name` (a scheduler_config.json dict)."""
-    name = config.get("_class_name") if isinstance(config, Mapping) else None
-    if name not in SCHEDULERS:
-        raise ValueError(f"scheduler config _class_name={name!r} is not supported; accepted: {', '.join(SCHEDULERS)}")
-    return SCHEDULERS[name].from_config(config)
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'minidepth.schedulers' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
 
 
-__all__ = ["SCHEDULERS", "Scheduler", "SchedulerConfig", "SchedulerOutput", "randn_tensor", "scheduler_from_config",
-           *SCHEDULERS]
+def __dir__():
+    return sorted({*globals(), *_EXPORTS})

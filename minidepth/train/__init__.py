@@ -16,12 +16,12 @@ channel of SD2-depth):
     loss  = w_t · mean (pred - target)^2,  target = eps, or v = sqrt(a_bar_t) eps - sqrt(1 - a_bar_t) x0
             (Salimans & Ho 2022, sec. 4), w_t = 1 or min-SNR (Hang et al. 2023)
 
-Files: `options.py` (the settings, their checks and the command line; no torch), `data.py` (the folder, captions,
+Files: `config.py` (the settings and their checks; no torch; the command line is cli/train.py), `data.py` (the folder, captions,
 depth maps, crops), `objective.py` (LoRA layers to train, the random draws, the loss), `loop.py` (optimisation,
 DistributedDataParallel), `state.py` (checkpoints, resume, the LoRA file, the CSV log, the loss curve).
 """
 
-from .options import TrainConfig, TrainError  # noqa: F401  (torch-free)
+from .config import TrainConfig, TrainError  # noqa: F401  (torch-free)
 
 
 def train_lora(config=None, **kwargs):

@@ -27,7 +27,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .options import TrainError
+from .config import TrainError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 DEPTH_SUFFIX = ".depth.png"
@@ -127,12 +127,11 @@ def _check_image(path: Path) -> str | None:
 
 
 def _check_depth(path: Path) -> str | None:
-    from ..cli_args import CLIError
-    from ..cli_files import read_depth_map
+    from ..depth import read_depth_map
     try:
         read_depth_map(str(path))
-    except CLIError as e:
-        return str(e).replace("--depth-map: ", "")
+    except ValueError as e:
+        return str(e)
     return None
 
 
@@ -258,6 +257,6 @@ class DepthCache:
     def get(self, example: Example):
         import numpy as np
         if example.depth is not None:
-            from ..cli_files import read_depth_map
+            from ..depth import read_depth_map
             return read_depth_map(str(example.depth))
         return np.load(self.path(example), allow_pickle=False).astype(np.float32)

@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 from ..adapters import lora
-from ..cli_files import Console
+from ..console import Console
 from . import objective, state
 from .data import DepthCache, fingerprint, load_sample, sample_generator, sample_order, scan_folder
-from .options import TrainConfig, TrainError, check_config, check_outputs
+from .config import TrainConfig, TrainError, check_config, check_outputs
 
 
 @dataclass

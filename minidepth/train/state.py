@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .options import RESULT_FIELDS, TrainConfig, TrainError
+from .config import RESULT_FIELDS, TrainConfig, TrainError
 
 STATE_JSON, STATE_PT, LORA_FILE = "state.json", "training_state.pt", "pytorch_lora_weights.safetensors"
 

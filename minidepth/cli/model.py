@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 
-from .cli_args import DEFAULT_MODEL, CLIError
+from .args import DEFAULT_MODEL, CLIError
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -56,7 +56,7 @@ def resolve_model(model: str, *, variant: str | None = None, revision: str | Non
         return folder
     if _looks_like_path(model):
         raise CLIError(f"--model: checkpoint folder {model} not found; fetch one with: {fetch}")
-    from .checkpoints.hub import resolve_checkpoint
+    from ..checkpoints.hub import resolve_checkpoint
     try:
         return resolve_checkpoint(model, variant=variant, revision=revision)
     except Exception as e:  # not cached and offline, no connection, unknown repo, gated model, ...

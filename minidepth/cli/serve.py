@@ -27,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-from .cli_args import A1111_NAMES, DEFAULT_MODEL, DTYPES, GENERATE_DEFAULTS, MAX_SEED, SCHEDULERS, CLIError
+from .args import A1111_NAMES, DEFAULT_MODEL, DTYPES, GENERATE_DEFAULTS, MAX_SEED, SCHEDULERS, CLIError
 
 SAMPLE_PHOTO = Path(__file__).resolve().parent / "data" / "sample-photo.png"  # scripts/make_sample_photo.py draws it
 OWN_SCHEDULER = "checkpoint's own"
@@ -60,8 +60,8 @@ def run(args, console) -> int:
         import gradio  # noqa: F401
     except ImportError as e:
         raise CLIError(f"serve needs gradio, which is not installed ({e}); pip install -e \".[web]\"") from e
-    from .cli import load_pipeline, pick_device, warn_half_on_cpu
-    from .cli_model import checkpoint_limits, resolve_model
+    from .command import load_pipeline, pick_device, warn_half_on_cpu
+    from .model import checkpoint_limits, resolve_model
     root = resolve_model(args.model, variant=args.variant, revision=args.revision)
     device = pick_device(args.device)
     warn_half_on_cpu(console, args.dtype, device)
@@ -90,7 +90,7 @@ class Studio:
 
     def scheduler(self, key: str | None):
         """A fresh scheduler for each generation (schedulers keep state): the chosen one, or the checkpoint's own."""
-        from . import schedulers
+        from .. import schedulers
         cls, config = self.own_scheduler
         if key is None:
             return cls.from_config(config)
@@ -104,7 +104,7 @@ class Studio:
         """Check everything first (CLIError), then generate; mode="ldm" (+ crop_padding) as `generate --mode ldm`.
         Returns {"images": [PNG paths], "seed": first seed, "depth": PNG path, "filmstrip": PNG path or None,
         "attention": [(PNG path, caption)]}."""
-        from .cli_files import open_image, read_depth_map
+        from .files import open_image, read_depth_map
         warn = warn or self.console.warn
         progress = (lambda *a, **k: None) if progress is None else progress  # not `or`: gr.Progress has a len()
         if not photo:
@@ -119,7 +119,7 @@ class Studio:
         num_images, ldm = int(num_images), s["mode"] == "ldm"
         if crop_padding and not ldm:
             raise CLIError("--crop-padding only applies with --mode ldm (the diffusers mode does not pad)", code=2)
-        from .cli_args import check_generate
+        from .args import check_generate
         check_generate(s, num_images, self.max_steps)
         words = [w.strip() for w in (words or "").split(",") if w.strip()]
         if ldm and (words or filmstrip):  # both follow the diffusers pipeline's denoising loop
@@ -128,7 +128,7 @@ class Studio:
         if ldm and key:
             warn(f"--scheduler {key} is ignored with --mode ldm (LDM's own DDIM sampler)")
         if words:
-            from .inside.attention_maps import check_words
+            from ..inside.attention_maps import check_words
             try:
                 check_words(self.pipe.tokenizer, s["prompt"], words)
             except ValueError as e:
@@ -156,10 +156,11 @@ class Studio:
 
         import torch
 
-        from .cli import depth_image
-        from .image_processing import to_rgb
-        from .inside._patch import observe_method
-        from .inside.filmstrip import record_filmstrip
+        from .command import depth_image
+        from ..image_processing import to_rgb
+        from ..inside._patch import observe_method
+        from ..inside.filmstrip import record_filmstrip
+        from ..inside.attention_maps import record_attention
         from .png_metadata import generation_record, png_info
         pipe, device = self.pipe, self.device
         self.jobs += 1
@@ -185,7 +186,7 @@ class Studio:
         depth_map = torch.from_numpy(depth_array)[None] if depth_array is not None else None
         estimated, calls = [], {"total": 1}
         if ldm:  # LDM's loop does not go through pipe.denoise: t_enc UNet calls
-            from .ldm_mode import t_enc_for
+            from ..ldm_mode import t_enc_for
             calls["total"] = t_enc_for(s["strength"], s["steps"])
         progress(0, desc="estimating depth")
 
@@ -197,7 +198,7 @@ class Studio:
             stack.callback(hook.remove)
             stack.enter_context(observe_method(pipe, "denoise", before=lambda a: calls.update(
                 total=len(a["timesteps"]))))
-            attention = stack.enter_context(pipe.record_attention(words)) if words else None
+            attention = stack.enter_context(record_attention(pipe, words)) if words else None
             film = stack.enter_context(record_filmstrip(pipe)) if filmstrip else None
             try:
                 result = pipe(prompt=s["prompt"], image=image, depth_map=depth_map, strength=s["strength"],
@@ -325,7 +326,7 @@ def build_app(studio: Studio):
                           "number of images": num_images, "mode": mode}, gr)
 
         def switch_mode(chosen, strength_now, guidance_now):  # a value still at the other mode's default follows
-            from .cli_args import LDM_DEFAULTS
+            from .args import LDM_DEFAULTS
             ldm = chosen == "ldm"
             old, new = (GENERATE_DEFAULTS, LDM_DEFAULTS) if ldm else (LDM_DEFAULTS, GENERATE_DEFAULTS)
             return (new["strength"] if strength_now == old["strength"] else strength_now,
@@ -359,5 +360,5 @@ def _say_which_input(inputs: dict, gr) -> None:
 
 
 if __name__ == "__main__":  # python -m minidepth.web ... = minidepth serve ...
-    from .cli import main
+    from .command import main
     sys.exit(main(["serve", *sys.argv[1:]]))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 
-from .cli_args import A1111_NAMES
+from .args import A1111_NAMES
 
 JSON_KEY = "minidepth"
 PARAMETERS_KEY = "parameters"
@@ -118,7 +118,7 @@ def generation_record(s: dict, *, sampler: str, size, image_path: str, model: st
     width, height, depth_map, variant, revision, dtype."""
     import hashlib
     from pathlib import Path
-    from . import __version__
+    from .. import __version__
     folder = Path(model).expanduser()
     return {"version": __version__, "prompt": s["prompt"], "negative_prompt": s["negative_prompt"],
             "steps": s["steps"], "strength": s["strength"], "guidance": s["guidance"],

@@ -29,13 +29,13 @@ import sys
 import time
 from pathlib import Path
 
-from .cli_args import (A1111_NAMES, DEFAULT_MODEL, DTYPES, GENERATE_DEFAULTS, LDM_DEFAULTS, OPTION_OF,  # noqa: F401
+from .args import (A1111_NAMES, DEFAULT_MODEL, DTYPES, GENERATE_DEFAULTS, LDM_DEFAULTS, OPTION_OF,  # noqa: F401
                        SCHEDULER_TABLE, SCHEDULERS, SUBCOMMAND_MODULES, CLIError, build_parser,
                        check_attention_slicing, check_generate, schedulers_table, target_size)
-from .cli_files import (Console, check_outputs, compose_grid, open_image, planned_outputs,
+from .files import (Console, check_outputs, compose_grid, open_image, planned_outputs,
                         read_depth_map, save_atomic)
-from .cli_model import checkpoint_limits, detect_variant, hub_error, resolve_model
-from .inside import cli as inside_cli
+from .model import checkpoint_limits, detect_variant, hub_error, resolve_model
+from . import inside as inside_cli
 
 
 def pick_device(name: str | None) -> str:
@@ -161,7 +161,7 @@ def cmd_generate(args, console: Console) -> int:
                        "layers)", code=2)
 
     import torch
-    from .image_processing import to_rgb
+    from ..image_processing import to_rgb
     device = pick_device(args.device)
     if args.device is None:
         warn_half_on_cpu(console, s["dtype"], device)
@@ -175,7 +175,7 @@ def cmd_generate(args, console: Console) -> int:
         pipe.enable_model_cpu_offload(device)
     times["load"] = time.perf_counter() - t
     if s["scheduler"]:
-        from . import schedulers
+        from .. import schedulers
         name, overrides = SCHEDULERS[s["scheduler"]]
         pipe.scheduler = getattr(schedulers, name).from_config({**dict(pipe.scheduler.config), **overrides})
     key = s["scheduler"] or next((k for k, (cls, overrides) in SCHEDULERS.items()
@@ -270,7 +270,7 @@ def load_pipeline(root: Path, variant: str | None, dtype: str, device: str, cons
                   exact: bool = False, compile: bool = False):
     """The pipeline for a command; `exact` (`--exact`) adds to MINIDEPTH_EXACT, `compile` is `--compile`."""
     import torch
-    from .pipeline import StableDiffusionDepth2ImgPipeline
+    from ..pipeline import StableDiffusionDepth2ImgPipeline
     console.info(f"loading {root} ({dtype}) on {device}")
     pipe = StableDiffusionDepth2ImgPipeline.from_pretrained(
         root, torch_dtype=getattr(torch, DTYPES[dtype]), variant=detect_variant(root, "unet", variant), device=device)
@@ -286,7 +286,7 @@ def depth_image(depth, size: tuple[int, int], raw16: bool = False):
     import numpy as np
     import torch.nn.functional as F
     from PIL import Image
-    from .depth import colorize_depth
+    from ..depth import colorize_depth
     d = F.interpolate(depth[:1, None].float().cpu(), size=size[::-1], mode="bicubic", align_corners=False)[0, 0]
     d = d.double()
     if not raw16:
@@ -305,9 +305,9 @@ def cmd_depth(args, console: Console) -> int:
     warn_half_on_cpu(console, args.dtype, args.device)
     root = resolve_model(args.model, variant=args.variant, revision=args.revision)
     import torch
-    from .depth import DPTImageProcessor, estimate_depth
-    from .image_processing import to_rgb
-    from .models.dpt import DPTDepthModel
+    from ..depth import DPTImageProcessor, estimate_depth
+    from ..image_processing import to_rgb
+    from .. import DPTDepthModel  # with its loading side (minidepth/checkpoints)
     device = pick_device(args.device)
     if args.device is None:
         warn_half_on_cpu(console, args.dtype, device)
@@ -359,7 +359,7 @@ def cmd_download(args, console: Console) -> int:
 def download(repo_id: str, folder: Path | None, variant: str | None, revision: str | None) -> Path:
     """Only the files the pipeline reads (see `checkpoints.hub`): into the Hugging Face cache (where `--model <repo
     id>` finds them again) when `folder` is None, else into that plain folder."""
-    from .checkpoints.hub import download_checkpoint
+    from ..checkpoints.hub import download_checkpoint
     try:
         root = download_checkpoint(repo_id, variant=variant, revision=revision, local_dir=folder)
     except Exception as e:  # no connection, unknown repo, gated model, offline mode, ...

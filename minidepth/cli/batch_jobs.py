@@ -12,7 +12,7 @@ import os
 import re
 from pathlib import Path
 
-from .cli_args import SCHEDULERS, CLIError
+from .args import SCHEDULERS, CLIError
 
 JOB_FIELDS = ("image", "prompt", "negative_prompt", "seed", "steps", "strength", "guidance_scale", "scheduler",
               "depth_map", "num_images", "name")
@@ -116,7 +116,7 @@ def _check_values(job: dict) -> None:
 def _check_files(job: dict) -> None:
     """The photo (and depth map) exist and decode; records the photo's size for grouping."""
     from PIL import Image
-    from .cli_files import read_depth_map
+    from .files import read_depth_map
     if not os.path.isfile(job["image"]):
         raise ValueError(f"image file not found: {job['image']}")
     try:
@@ -137,7 +137,7 @@ def _check_files(job: dict) -> None:
 
 # ------------------------------------------------------------------------------------------------ outputs, manifest
 def job_outputs(job: dict, out: Path) -> list[Path]:
-    from .cli_files import planned_outputs
+    from .files import planned_outputs
     return planned_outputs(out / f"{job['name']}.png", job["num_images"], False, False)["images"]
 
 

@@ -6,31 +6,17 @@ so every input and output is checked before a model loads.
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from pathlib import Path
 
-from .cli_args import CLIError
+from ..console import Console  # noqa: F401  (the front ends' Console)
+from .args import CLIError
 
 MODE_NAMES = {"L": "a grey", "LA": "a grey + alpha", "La": "a grey + alpha", "P": "a palette",
               "PA": "a palette + alpha", "RGBA": "an RGBA", "RGBa": "an RGBa", "RGBX": "an RGBX", "CMYK": "a CMYK",
               "1": "a black-and-white (1-bit)", "I": "a 32-bit grey", "F": "a floating-point grey",
               "I;16": "a 16-bit grey", "I;16B": "a 16-bit grey", "I;16L": "a 16-bit grey", "YCbCr": "a YCbCr",
               "LAB": "a Lab", "HSV": "an HSV"}
-
-
-class Console:
-    """stderr for people: information lines (silenced by --quiet), one-line warnings (always)."""
-
-    def __init__(self, prog: str, quiet: bool = False):
-        self.prog, self.quiet = prog, quiet
-
-    def info(self, message: str) -> None:
-        if not self.quiet:
-            print(message, file=sys.stderr, flush=True)
-
-    def warn(self, message: str) -> None:
-        print(f"{self.prog}: warning: {message}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -59,33 +45,12 @@ def open_image(path: str, console: Console, option: str = "--image"):
 
 
 def read_depth_map(path: str):
-    """A depth file -> (H, W) float32 numpy array, larger = nearer (the DPT convention): a .npy array, or a grayscale
-    image (8/16-bit PNG such as the `--raw` output of `minidepth depth`)."""
-    import numpy as np
-    from PIL import Image
-    if not os.path.isfile(path):
-        raise CLIError(f"--depth-map: file not found: {path}")
+    """`--depth-map FILE` -> (H, W) float32 numpy array (`depth.read_depth_map`), its errors as the option's."""
+    from ..depth import read_depth_map as read
     try:
-        if path.lower().endswith(".npy"):
-            array = np.load(path, allow_pickle=False)
-        else:
-            with Image.open(path) as img:
-                img.load()
-                array = np.asarray(img)
-    except (OSError, ValueError) as e:
-        raise CLIError(f"--depth-map: {path} is not a readable .npy array or image ({e})") from e
-    if array.ndim == 3 and array.shape[-1] in (3, 4):
-        if not (np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(array[..., 0], array[..., 2])):
-            raise CLIError(f"--depth-map: {path} is a colour image; pass a grayscale depth image (e.g. the --raw "
-                           "output of `minidepth depth`) or a .npy array")
-        array = array[..., 0]
-    array = np.squeeze(array)
-    if array.ndim != 2 or not np.issubdtype(array.dtype, np.number):
-        raise CLIError(f"--depth-map: {path} holds an array of shape {array.shape}; expected a 2-D (H, W) depth map")
-    array = array.astype(np.float32)
-    if not np.isfinite(array).all():
-        raise CLIError(f"--depth-map: {path} contains NaN or infinite values")
-    return array
+        return read(path)
+    except ValueError as e:
+        raise CLIError(f"--depth-map: {e}") from e
 
 
 # ------------------------------------------------------------------------------------------------ outputs

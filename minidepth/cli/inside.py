@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from ..cli_args import CLIError
+from .errors import CLIError
 
 
 # ------------------------------------------------------------------------------------------------ tour
@@ -62,7 +62,7 @@ def run(args, console=None) -> int:
                    if not (folder / p).is_dir()]
         if missing:
             raise CLIError(f"--model {args.model}: not a checkpoint folder (no {', '.join(missing)}/)")
-    from .tour import architecture_tour
+    from ..inside.tour import architecture_tour
     tour = architecture_tour(size, args.model, steps=args.steps, strength=args.strength,
                              guidance_scale=args.guidance)
     print(tour.markdown() if args.markdown else tour.text())
@@ -99,7 +99,7 @@ def plan_outputs(args, outputs: dict) -> None:
         raise CLIError(f"--filmstrip-every {args.filmstrip_every}: must be an integer >= 1", code=2)
     if getattr(args, "filmstrip_every", None) is not None and not args.filmstrip:
         raise CLIError("--filmstrip-every needs --filmstrip", code=2)
-    from . import safe_name
+    from ..inside import safe_name
     words = words_of(args)
     stems = [p.with_suffix("") for p in outputs["images"]]
     outputs["filmstrip"] = [s.with_name(f"{s.name}-filmstrip.png") for s in stems] if args.filmstrip else []
@@ -112,7 +112,7 @@ def check_prompt_words(args, root: Path, prompt: str) -> None:
     if not words:
         return
     from ..tokenizer import CLIPTokenizer
-    from .attention_maps import check_words
+    from ..inside.attention_maps import check_words
     try:
         check_words(CLIPTokenizer.from_pretrained(root / "tokenizer"), prompt, words)
     except ValueError as e:
@@ -126,9 +126,10 @@ def recording(pipe, args):
     with contextlib.ExitStack() as stack:
         state = {"decoder": args.filmstrip_decoder}
         if words:
-            state["attention"] = stack.enter_context(pipe.record_attention(words))
+            from ..inside.attention_maps import record_attention
+            state["attention"] = stack.enter_context(record_attention(pipe, words))
         if args.filmstrip:
-            from .filmstrip import record_filmstrip
+            from ..inside.filmstrip import record_filmstrip
             state["filmstrip"] = stack.enter_context(record_filmstrip(pipe, every=args.filmstrip_every))
         yield state
 

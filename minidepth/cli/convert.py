@@ -40,7 +40,7 @@ def add_parser(sub, formatter_class) -> None:
 
 def _check(args) -> None:
     """Everything that needs no model, as CLIError with exit status 2."""
-    from .cli_args import CLIError
+    from .args import CLIError
     source, out = Path(args.source), Path(args.out)
     if not source.exists():
         raise CLIError(f"SOURCE {source} does not exist", code=2)
@@ -61,7 +61,7 @@ def _check(args) -> None:
 
 def run(args, console) -> int:
     _check(args)
-    from .checkpoints.single_file import convert
+    from ..checkpoints.single_file import convert
     direction = "diffusers folder -> single file" if Path(args.source).is_dir() else "single file -> diffusers folder"
     console.info(f"converting {args.source} ({direction})")
     target = convert(args.source, args.out, fp16=args.fp16, config=args.config)

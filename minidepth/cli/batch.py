@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from .batch_jobs import append_line, check_job, job_outputs, public, read_jobs, read_manifest, write_manifest
-from .cli_args import SCHEDULERS, CLIError
+from .args import SCHEDULERS, CLIError
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -65,7 +65,7 @@ def groups(jobs: list[dict], batch_size: int) -> list[list[dict]]:
 
 def _scheduler(base_config: dict, name: str | None):
     """A fresh scheduler for a group: the checkpoint's own (name None) or a --scheduler choice, as `generate` does."""
-    from . import schedulers
+    from .. import schedulers
     if name is None:
         return schedulers.scheduler_from_config(base_config)
     cls, overrides = SCHEDULERS[name]
@@ -76,8 +76,8 @@ def run_group(pipe, group: list[dict], base_config: dict, device: str, eta: floa
     """One pipeline call for a group of jobs; returns the images of each job (a list per job)."""
     import torch
     from PIL import Image
-    from .image_processing import to_rgb
-    from .cli_files import read_depth_map
+    from ..image_processing import to_rgb
+    from .files import read_depth_map
     job = group[0]
     pipe.scheduler = _scheduler(base_config, job.get("scheduler"))
     photos = []
@@ -186,9 +186,9 @@ def run(args, console) -> int:
 def _render(args, console, todo: list[dict], out: Path, part: Path, rank: int, world: int, local_rank: int) -> int:
     """Load the model once and run this process's jobs; returns the number of images written."""
     from tqdm.auto import tqdm
-    from .cli import load_pipeline, pick_device, resolve_model
-    from .cli_args import A1111_NAMES
-    from .cli_files import save_atomic
+    from .command import load_pipeline, pick_device, resolve_model
+    from .args import A1111_NAMES
+    from .files import save_atomic
     from .png_metadata import generation_record, png_info
     device = pick_device(args.device)
     if world > 1 and device == "cuda":
