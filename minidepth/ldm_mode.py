@@ -268,7 +268,7 @@ def generate_ldm(pipe, *, prompt=None, image=None, depth_map=None, strength=None
     x = x.repeat(batch, 1, 1, 1)
 
     # z = get_first_stage_encoding(encode_first_stage(jpg)): posterior sample of the whole batch (random draw 1)
-    with pipe._running(pipe.vae):
+    with pipe._running(pipe.vae, "encode"):
         z = pipe.vae.encode(x.to(device=device, dtype=vae_dtype)).sample(generator)
     z = (pipe.vae.config.scaling_factor * z).float()
 
@@ -279,7 +279,7 @@ def generate_ldm(pipe, *, prompt=None, image=None, depth_map=None, strength=None
     context = torch.cat([uncond, cond]) if do_cfg else cond                       # c_in = cat([uc, c])
 
     # the depth channel: depth_model(midas_in), bicubic, bicubic, min/max (the same for c and uc: c_concat)
-    with pipe._running(pipe.depth_estimator), midas_layer_norms(pipe.depth_estimator) as dpt:
+    with pipe._running(pipe.depth_estimator, "depth"), midas_layer_norms(pipe.depth_estimator) as dpt:
         depth = dpt(midas_in.to(device=device, dtype=dpt.dtype))                # (1, h, w)
     c_cat = depth_condition(depth, tuple(midas_in.shape[-2:]), tuple(z.shape[-2:]), nan_safe_depth)
     c_cat = c_cat.repeat(batch, 1, 1, 1).to(dtype)
@@ -293,7 +293,7 @@ def generate_ldm(pipe, *, prompt=None, image=None, depth_map=None, strength=None
     # decode(z_enc, cond, t_enc): grid entries t_enc - 1 ... 0 (the off-by-one, see the module docstring)
     steps = np.flip(schedule.timesteps[:t_enc])
     lora, cross_attention_kwargs = split_lora_scale(cross_attention_kwargs)  # strength -> adapters.lora_scale
-    with pipe._running(pipe.unet, lora), tqdm(total=len(steps), **pipe._progress_bar_config) as bar:
+    with pipe._running(pipe.unet, "denoise", lora), tqdm(total=len(steps), **pipe._progress_bar_config) as bar:
         for i, step in enumerate(steps):
             index = t_enc - i - 1
             x_in = torch.cat([latents] * 2) if do_cfg else latents
@@ -317,7 +317,7 @@ def generate_ldm(pipe, *, prompt=None, image=None, depth_map=None, strength=None
     if output_type == "latent":
         images = latents
     else:
-        with pipe._running(pipe.vae):
+        with pipe._running(pipe.vae, "decode"):
             decoded = pipe.vae.decode(((1.0 / pipe.vae.config.scaling_factor) * latents).to(vae_dtype))
         images = torch.clamp((decoded.float() + 1.0) / 2.0, min=0.0, max=1.0)
         if crop_padding:

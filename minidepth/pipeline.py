@@ -31,6 +31,7 @@ from .adapters.lora import lora_layers, lora_scale
 from .adapters.pipeline import AdaptersMixin
 from .fast_kernels import fast_kernels
 from .noise import randn_tensor
+from .observers import Observable
 from .checkpoints.components import load_components, save_components
 from .pipeline_io import PipelineOutput, check_call_arguments, split_lora_scale
 
@@ -38,9 +39,11 @@ logger = logging.getLogger(__name__)
 CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "negative_prompt_embeds", "depth_mask")
 
 
-class StableDiffusionDepth2ImgPipeline(AdaptersMixin):
+class StableDiffusionDepth2ImgPipeline(AdaptersMixin, Observable):
     """The seven components of the checkpoint, plus the steps that use them. Components are plain attributes.
-    LoRA and textual-inversion methods (`load_lora_weights`, `load_textual_inversion`, ...) come from AdaptersMixin."""
+    LoRA and textual-inversion methods (`load_lora_weights`, `load_textual_inversion`, ...) come from AdaptersMixin;
+    `observing(...)` and the stages it announces (prompt encoded, depth ready, each step, ...) from Observable
+    (minidepth/observers.py)."""
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, depth_estimator, feature_extractor):
         self.vae, self.text_encoder, self.tokenizer, self.unet = vae, text_encoder, tokenizer, unet
@@ -49,6 +52,7 @@ class StableDiffusionDepth2ImgPipeline(AdaptersMixin):
         self._offload_device: torch.device | None = None
         self._progress_bar_config: dict = {}
         self.exact = os.environ.get("MINIDEPTH_EXACT", "0") not in ("", "0")
+        self.observers = []  # see minidepth/observers.py
 
     # ------------------------------------------------------------------------------------------ loading and saving
     @classmethod
@@ -152,13 +156,13 @@ class StableDiffusionDepth2ImgPipeline(AdaptersMixin):
         self.unet.compile(**options)
 
     @contextlib.contextmanager
-    def _running(self, model: torch.nn.Module, lora: float | None = None):
-        """Run `model` for the duration of the block: with the fast kernels unless `set_exact(True)`, its LoRA
-        adapters at strength `lora` (the call's cross_attention_kwargs["scale"]), and with CPU offload on, on the
-        accelerator (back on the CPU after)."""
+    def _running(self, model: torch.nn.Module, stage: str, lora: float | None = None):
+        """Run `model` for the duration of the block, announced to observers as `stage`: with the fast kernels unless
+        `set_exact(True)`, its LoRA adapters at strength `lora` (the call's cross_attention_kwargs["scale"]), and
+        with CPU offload on, on the accelerator (back on the CPU after)."""
         compiled = getattr(model, "_compiled_call_impl", None) is not None  # see compile()
-        with fast_kernels(enabled=not self.exact and not compiled, keep_transforms=model is self.unet), \
-                lora_scale(model, lora):
+        with self.stage(stage), lora_scale(model, lora), \
+                fast_kernels(enabled=not self.exact and not compiled, keep_transforms=model is self.unet):
             if self._offload_device is None:
                 yield model
                 return
@@ -191,7 +195,7 @@ class StableDiffusionDepth2ImgPipeline(AdaptersMixin):
         `lora_scale` scales the text encoder's LoRA adapters while encoding (the call's cross_attention_kwargs["scale"])."""
         device = self.device
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
-        with self._running(self.text_encoder, lora_scale):
+        with self._running(self.text_encoder, "prompt", lora_scale):
             if prompt_embeds is None:
                 prompt_embeds = self._embed(prompt if isinstance(prompt, list) else [prompt], clip_skip)
             dtype = self.text_encoder.dtype if self.text_encoder is not None else prompt_embeds.dtype
@@ -208,6 +212,7 @@ class StableDiffusionDepth2ImgPipeline(AdaptersMixin):
             if do_classifier_free_guidance:
                 negative_prompt_embeds = negative_prompt_embeds.to(dtype=dtype, device=device)
                 negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        self.announce("prompt_encoded", prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
         return prompt_embeds, negative_prompt_embeds
 
     def _embed(self, texts: list[str], clip_skip: int | None, max_length: int | None = None) -> torch.Tensor:
@@ -232,16 +237,20 @@ class StableDiffusionDepth2ImgPipeline(AdaptersMixin):
         """The depth channel for the UNet, (B [x2 with CFG], 1, h, w) in [-1, 1]; estimated by the DPT model from the
         ORIGINAL image unless `depth_map` is given."""
         from .depth import prepare_depth_map
-        with self._running(self.depth_estimator):
-            return prepare_depth_map(image, depth_map, batch_size=batch_size,
-                                     do_classifier_free_guidance=do_classifier_free_guidance, dtype=dtype,
-                                     device=self.device, depth_estimator=self.depth_estimator,
-                                     feature_extractor=self.feature_extractor,
-                                     vae_scale_factor=self.vae_scale_factor, nan_safe=nan_safe)
+        with self._running(self.depth_estimator, "depth"):
+            depth_mask = prepare_depth_map(image, depth_map, batch_size=batch_size,
+                                           do_classifier_free_guidance=do_classifier_free_guidance, dtype=dtype,
+                                           device=self.device, depth_estimator=self.depth_estimator,
+                                           feature_extractor=self.feature_extractor,
+                                           vae_scale_factor=self.vae_scale_factor, nan_safe=nan_safe)
+        self.announce("depth_ready", depth_mask=depth_mask, depth_map_given=depth_map is not None)
+        return depth_mask
 
     def preprocess(self, image) -> torch.Tensor:
         """Image(s) -> (B, 3, H, W) in [-1, 1] with H, W floored to multiples of 8 (or 4-channel latents as-is)."""
-        return image_processing.preprocess(image, self.vae_scale_factor)
+        image = image_processing.preprocess(image, self.vae_scale_factor)
+        self.announce("image_ready", image=image)
+        return image
 
     def get_timesteps(self, num_inference_steps: int, strength: float) -> tuple[torch.Tensor, int]:
         """img2img: skip the first (1 - strength) of the schedule. Returns (timesteps, number of denoising steps)."""
@@ -264,7 +273,7 @@ class StableDiffusionDepth2ImgPipeline(AdaptersMixin):
         if image.shape[1] == 4:
             latents = image
         else:
-            with self._running(self.vae):
+            with self._running(self.vae, "encode"):
                 if isinstance(generator, list):
                     if image.shape[0] < batch:
                         image = torch.cat([image] * (batch // image.shape[0]), dim=0)
@@ -275,7 +284,9 @@ class StableDiffusionDepth2ImgPipeline(AdaptersMixin):
         if batch > latents.shape[0]:
             latents = torch.cat([latents] * (batch // latents.shape[0]), dim=0)
         noise = randn_tensor(latents.shape, generator=generator, device=device, dtype=dtype)
-        return self.scheduler.add_noise(latents, noise, timestep)
+        noised = self.scheduler.add_noise(latents, noise, timestep)
+        self.announce("latents_ready", image_latents=latents, noise=noise, latents=noised, timestep=timestep)
+        return noised
 
     @torch.no_grad()
     def denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor,
@@ -291,17 +302,24 @@ class StableDiffusionDepth2ImgPipeline(AdaptersMixin):
         num_inference_steps = num_inference_steps or len(timesteps)
         num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
         lora, cross_attention_kwargs = split_lora_scale(cross_attention_kwargs)  # strength -> adapters.lora_scale
-        with self._running(self.unet, lora), tqdm(total=num_inference_steps, **self._progress_bar_config) as bar:
+        self.announce("denoising_started", latents=latents, timesteps=timesteps, guidance_scale=guidance_scale)
+        with self._running(self.unet, "denoise", lora), \
+                tqdm(total=num_inference_steps, **self._progress_bar_config) as bar:
             for i, t in enumerate(timesteps):
                 x = torch.cat([latents] * 2) if do_cfg else latents  # (2B, 4, h, w) with guidance
                 x = self.scheduler.scale_model_input(x, t)
+                model_input = x
                 x = torch.cat([x, depth_mask], dim=1)  # (2B, 5, h, w): the depth channel is the 5th input
                 noise_pred = self.unet(x, t, encoder_hidden_states=prompt_embeds,
                                        cross_attention_kwargs=cross_attention_kwargs)
                 if do_cfg:  # classifier-free guidance (Ho & Salimans 2022): u + s * (c - u)
                     uncond, cond = noise_pred.chunk(2)
                     noise_pred = uncond + guidance_scale * (cond - uncond)
-                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+                    model_input = model_input[:model_input.shape[0] // 2]
+                step = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=True)
+                latents = step.prev_sample
+                self.announce("step_done", index=i, timestep=t, model_input=model_input, noise_pred=noise_pred,
+                              latents=latents, x0=getattr(step, "pred_original_sample", None))
                 if callback_on_step_end is not None:
                     state = {"latents": latents, "prompt_embeds": prompt_embeds,
                              "negative_prompt_embeds": negative_prompt_embeds, "depth_mask": depth_mask}
@@ -321,10 +339,13 @@ class StableDiffusionDepth2ImgPipeline(AdaptersMixin):
     def decode(self, latents: torch.Tensor, output_type: str = "pil"):
         """Latents -> images of `output_type` ("latent" returns the latents unchanged)."""
         if output_type == "latent":
+            self.announce("decoded", images=latents, output_type=output_type, latents=latents)
             return latents
-        with self._running(self.vae):
+        with self._running(self.vae, "decode"):
             image = self.vae.decode(latents / self.vae.config.scaling_factor)
-        return image_processing.postprocess(image, output_type)
+        images = image_processing.postprocess(image, output_type)
+        self.announce("decoded", images=images, output_type=output_type, latents=latents)
+        return images
 
     def _step_kwargs(self, generator, eta: float) -> dict:
         """`eta` and `generator` are passed to `scheduler.step` only when its signature has them (as the reference)."""
@@ -367,6 +388,9 @@ class StableDiffusionDepth2ImgPipeline(AdaptersMixin):
             checked = image_processing.check_image(image)  # PIL images come back as RGB
             image = checked if isinstance(checked[0], PIL.Image.Image) else image
         self._check_lora_scale(cross_attention_kwargs)
+        self.announce("generation_started", prompt=prompt, negative_prompt=negative_prompt,
+                      num_images_per_prompt=num_images_per_prompt, guidance_scale=guidance_scale,
+                      num_inference_steps=num_inference_steps, strength=strength, depth_map=depth_map)
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
         do_cfg = guidance_scale > 1
 
