@@ -20,7 +20,8 @@ one is observed too):
                         strength, depth_map (given or None)                    after the argument checks, before any model
     stage_started       stage: "prompt" | "depth" | "encode" | "denoise" | "decode"      a model is about to run
     stage_finished      stage                                                             it has run (timing)
-    prompt_encoded      prompt_embeds (B, 77, D), negative_prompt_embeds (B, 77, D) or None
+    prompt_encoded      prompt_embeds (B, 77, D), negative_prompt_embeds (B, 77, D) or None, prompt,
+                        num_images_per_prompt
     depth_ready         depth_mask (B [x2 with guidance], 1, h, w) in [-1, 1], depth_map_given: bool
     image_ready         image (B, 3, H, W) in [-1, 1] (or 4-channel latents given as the image)
     latents_ready       image_latents (B, 4, h, w) = scaling_factor x posterior sample, noise, latents = the

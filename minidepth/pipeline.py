@@ -212,7 +212,8 @@ class StableDiffusionDepth2ImgPipeline(AdaptersMixin, Observable):
             if do_classifier_free_guidance:
                 negative_prompt_embeds = negative_prompt_embeds.to(dtype=dtype, device=device)
                 negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
-        self.announce("prompt_encoded", prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
+        self.announce("prompt_encoded", prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                      prompt=prompt, num_images_per_prompt=num_images_per_prompt)
         return prompt_embeds, negative_prompt_embeds
 
     def _embed(self, texts: list[str], clip_skip: int | None, max_length: int | None = None) -> torch.Tensor:

@@ -7,17 +7,21 @@
 Every network is built at the official SD2-depth size on the meta device (no weights, no memory, no values) and the
 pipeline's own methods run on meta tensors of the real sizes; forward hooks record the shapes and, from the call stack,
 the line that made each call. Only small things run on real numbers: the tokenizer, the scheduler's timestep table,
-the depth normalisation (fed a stand-in map of the DPT's output shape, since meta tensors have no min or max) and the
-random draws (drawn on the CPU, as a CPU generator always does). Links are computed, never typed.
+the depth normalisation (fed a stand-in map of the DPT's output shape, since meta tensors have no min or max), the
+random draws (drawn on the CPU, as a CPU generator always does) and one DDIM step on ones and zeros (its coefficients).
+The fast kernels (section 8) are counted, not run: their functions are replaced by recorders that compute the same
+shapes, and an observer of the pipeline says which stage each call belongs to. Links are computed, never typed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import functools
 import inspect
 import json
+import math
 import sys
 import tempfile
 import types
@@ -35,14 +39,20 @@ CONFIGS = REPO / "tests" / "data" / "sd2-depth-configs"
 sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 
 from minidepth import depth as depth_module  # noqa: E402
-from minidepth import image_processing  # noqa: E402
+from minidepth import fast_kernels as kernels  # noqa: E402
+from minidepth import image_processing, observers  # noqa: E402
 from minidepth.checkpoints import build_on_meta  # noqa: E402
+from minidepth.models import attention as attention_module  # noqa: E402
+from minidepth.models.attention import Attention  # noqa: E402
 from minidepth.models.autoencoder import AutoencoderKL, DiagonalGaussian  # noqa: E402
+from minidepth.models.blocks import GEGLU, SpatialTransformer, TransformerBlock  # noqa: E402
 from minidepth.models.clip_text import CLIPTextModel  # noqa: E402
 from minidepth.models.dpt import DPTDepthModel  # noqa: E402
 from minidepth.models.unet import UNet  # noqa: E402
 from minidepth.pipeline import StableDiffusionDepth2ImgPipeline as Pipeline  # noqa: E402
 from minidepth.schedulers import SCHEDULERS, scheduler_from_config  # noqa: E402
+from minidepth.schedulers import maths as scheduler_maths  # noqa: E402
+from minidepth.schedulers.ddim import DDIMScheduler  # noqa: E402
 from minidepth.tokenizer import CLIPTokenizer  # noqa: E402
 
 PROMPT, SIZE, STEPS, STRENGTH, GUIDANCE, SEED = "a marble statue of two cats", 512, 50, 0.8, 7.5, 0
@@ -75,14 +85,17 @@ def define(obj) -> str:
     return cite(inspect.getsourcefile(obj), start + i, lines[i].strip().split("(")[0])
 
 
-def find(fn, needle: str) -> str:
-    """The line of `fn` that contains `needle` (fails loudly when the code has moved on)."""
+def find(fn, needle: str, whole: bool = False) -> str:
+    """The line of `fn` (a function, class or module) that contains `needle` (fails loudly when the code has moved
+    on), shown as `needle` or, with `whole`, as the whole line."""
     fn = inspect.unwrap(fn)
     lines, start = inspect.getsourcelines(fn)
+    start = start or 1  # a module's source starts at line 1 (getsourcelines says 0)
     for i, s in enumerate(lines):
         if needle in s:
-            return cite(inspect.getsourcefile(fn), start + i, needle)
-    raise LookupError(f"{fn.__qualname__} no longer contains {needle!r}: update scripts/walkthrough.py")
+            return cite(inspect.getsourcefile(fn), start + i, None if whole else needle)
+    name = getattr(fn, "__qualname__", getattr(fn, "__name__", fn))
+    raise LookupError(f"{name} no longer contains {needle!r}: update scripts/walkthrough.py")
 
 
 def call_site(skip: tuple[str, ...] = ()) -> str:
@@ -97,6 +110,8 @@ def call_site(skip: tuple[str, ...] = ()) -> str:
 
 
 def shape(x) -> str:
+    if isinstance(x, torch.Size):
+        return "(" + ", ".join(str(s) for s in x) + ")"
     if isinstance(x, torch.Tensor):
         return "(" + ", ".join(str(s) for s in x.shape) + ")"
     if isinstance(x, (list, tuple)):
@@ -163,6 +178,103 @@ def watch_skips(unet: UNet) -> tuple[dict, list]:
     return notes, rows
 
 
+def watch_block(rec: Recorder, transformer: SpatialTransformer) -> dict:
+    """Record one spatial transformer and its (first) TransformerBlock module by module, with the attention products
+    of attn1 and attn2 as rows of their own: q, k, v per head and the shape of the score matrix."""
+    block = transformer.transformer_blocks[0]
+    rec.watch("block", {"norm": transformer.norm, "proj_in": transformer.proj_in, "norm1": block.norm1,
+                        **{f"attn1.{p}": getattr(block.attn1, p) for p in ("to_q", "to_k", "to_v", "to_out")},
+                        "norm2": block.norm2,
+                        **{f"attn2.{p}": getattr(block.attn2, p) for p in ("to_q", "to_k", "to_v", "to_out")},
+                        "norm3": block.norm3, "ff.net.0.proj": block.ff.net[0].proj, "ff.net.0": block.ff.net[0],
+                        "ff.net.2": block.ff.net[2], "proj_out": transformer.proj_out})
+    scores = {}
+
+    def traced(attn: Attention, name: str):
+        attend = attn.attend
+
+        def wrapper(q, k, v, key_mask=None):
+            out = attend(q, k, v, key_mask)
+            if name not in scores:
+                scores[name] = attn.probs(q, k, key_mask).shape  # (B, h, L, S): meta, so nothing is computed
+                rec.rows["block"].append((name, f"q {shape(q)}, k v {shape(k)}", shape(out), call_site()))
+            return out
+        attn.attend = wrapper  # an instance attribute: Attention.forward calls self.attend
+    traced(block.attn1, "attn1 product")
+    traced(block.attn2, "attn2 product")
+    return scores
+
+
+KERNELS = {  # name -> what fast_kernels.py routes there (points 1-5 of its docstring)
+    "conv3x3_nnpack": "3×3 convolution by NNPACK's Winograd F(6×6, 3×3)",
+    "conv2d_as_matmul": "convolution as im2col + one matrix product",
+    "upsample2x_conv3x3": "nearest 2× upsample + 3×3 convolution, folded into four 2×2 convolutions",
+    "conv1x1": "1×1 convolution as a matrix product by oneDNN",
+    "linear": "`F.linear` by oneDNN's matmul",
+    "channels-last": "convolution in channels-last layout",
+    "default": "PyTorch's default convolution, unchanged",
+}
+STAGES = ("prompt", "depth", "encode", "denoise", "decode")
+
+
+class KernelTally(observers.Observer):
+    """Which kernel `fast_kernels` picks for every F.linear / F.conv2d call, per stage of the pipeline. The stages come
+    from the pipeline's own announcements (this is an observer); the kernels are replaced by recorders that compute
+    the same shapes with plain F.conv2d / F.linear on the meta tensors, and meta float32 counts as CPU float32. As on
+    a CPU with oneDNN and NNPACK (x86-64 with AVX2), whatever machine generates the page."""
+
+    def __init__(self):
+        self.stage, self.counts, self.sites = None, {}, {}
+
+    def stage_started(self, pipe, *, stage, **data):
+        self.stage = stage
+
+    def stage_finished(self, pipe, **data):
+        self.stage = None
+
+    def note(self, kernel: str) -> None:
+        self.counts.setdefault(kernel, dict.fromkeys(STAGES, 0))[self.stage] += 1
+        if kernel not in self.sites or (self.stage == "denoise" and self.sites[kernel][0] != "denoise"):
+            self.sites[kernel] = (self.stage, call_site(skip=("fast_kernels.py",)))  # an example, the UNet's first
+
+    @contextlib.contextmanager
+    def patched(self):
+        choose, picked = kernels.conv2d, []
+
+        def recorder(name, compute):
+            def record(*args, **kwargs):
+                picked.append(name)
+                self.note(name)
+                return compute(*args, **kwargs)
+            return record
+
+        def conv2d(x, weight, *args, **kwargs):  # fast_kernels' dispatcher; what it leaves to F.conv2d, by layout
+            picked.clear()
+            out = choose(x, weight, *args, **kwargs)
+            if not picked:
+                self.note("channels-last" if x.shape[-2] * x.shape[-1] >= kernels.HIGH_RES_POSITIONS else "default")
+            return out
+        plain = {
+            "linear": F.linear,
+            "conv1x1": F.conv2d,
+            "conv3x3_nnpack": lambda x, w, b: F.conv2d(x, w, b, padding=1),
+            "conv2d_as_matmul": lambda x, w, b, stride, padding, out_size: F.conv2d(x, w, b, stride, padding),
+            "upsample2x_conv3x3": lambda x, w, b: F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), w, b,
+                                                           padding=1),
+        }
+        def meta_is_cpu(*tensors):  # fast_kernels._cpu_inference, with meta for cpu
+            recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+            return not recording and all(t is None or (t.device.type in ("cpu", "meta") and t.dtype == torch.float32)
+                                         for t in tensors)
+        with contextlib.ExitStack() as stack:
+            for name, compute in plain.items():
+                stack.enter_context(mock.patch.object(kernels, name, recorder(name, compute)))
+            for name, value in (("conv2d", conv2d), ("_cpu_inference", meta_is_cpu),
+                                ("available", lambda: True), ("nnpack_available", lambda: True)):
+                stack.enter_context(mock.patch.object(kernels, name, value))
+            yield self
+
+
 def run() -> dict[str, str]:
     """Run the pipeline's steps on meta tensors; return the tables and numbers the template needs."""
     rec = Recorder()
@@ -173,6 +285,7 @@ def run() -> dict[str, str]:
         tokenizer = build_tokenizer(Path(tmp) / "tokenizer")
     pipe = Pipeline(vae, text_encoder, tokenizer, unet, scheduler, dpt, depth_module.DPTImageProcessor())
     pipe.set_progress_bar_config(disable=True)
+    pipe.set_exact(False)  # the fast kernels on, whatever MINIDEPTH_EXACT says: section 8 counts them
     photo = PIL.Image.new("RGB", (SIZE, SIZE), (120, 110, 100))
     generator = torch.Generator().manual_seed(SEED)
 
@@ -196,6 +309,8 @@ def run() -> dict[str, str]:
                        **{f"down_blocks.{i}": b for i, b in enumerate(unet.down_blocks)},
                        **{f"up_blocks.{i}": b for i, b in enumerate(unet.up_blocks)}, "conv_out": unet.conv_out})
     skip_notes, skip_rows = watch_skips(unet)
+    transformer = unet.down_blocks[0].attentions[0]
+    scores = watch_block(rec, transformer)
     rec.watch("decoder", {"post_quant_conv": vae.post_quant_conv, "decoder.conv_in": vae.decoder.conv_in,
                           "decoder.mid_block": vae.decoder.mid_block, "decoder.conv_out": vae.decoder.conv_out,
                           **{f"decoder.up_blocks.{i}": b for i, b in enumerate(vae.decoder.up_blocks)}})
@@ -215,13 +330,15 @@ def run() -> dict[str, str]:
     def traced(name, method):  # the scheduler's calls from the loop: input and output shapes, calling line
         def wrapper(*args, **kwargs):
             out = method(*args, **kwargs)
-            calls[name] = (shape(args[0]), shape(out[0] if isinstance(out, tuple) else out), call_site())
+            result = out[0] if isinstance(out, tuple) else getattr(out, "prev_sample", out)  # tuple or SchedulerOutput
+            calls[name] = (shape(args[0]), shape(result), call_site())
             return out
         return wrapper
     scheduler.scale_model_input = traced("scale_model_input", scheduler.scale_model_input)
     scheduler.step = traced("step", scheduler.step)
 
-    with mock.patch.object(torch, "randn", randn), mock.patch.object(F, "interpolate", interpolate):
+    tally = KernelTally()
+    with mock.patch.object(torch, "randn", randn), tally.patched(), pipe.observing(tally):
         # 1. prompt -> embeddings, unconditional half first
         ids = [tokenizer([text], padding="max_length", truncation=True, return_tensors="pt").input_ids
                for text in (PROMPT, "")]
@@ -229,9 +346,11 @@ def run() -> dict[str, str]:
         prompt_embeds = torch.cat([uncond, cond])
         # 2. depth: the DPT on meta, then the real resize and normalisation on a stand-in of the DPT's output shape
         pixels = pipe.feature_extractor(photo)
-        predicted = depth_module.estimate_depth(photo, dpt, pipe.feature_extractor)
+        with pipe._running(dpt, "depth"):  # as pipe.prepare_depth_map runs it
+            predicted = depth_module.estimate_depth(photo, dpt, pipe.feature_extractor)
         stand_in = torch.linspace(0.0, 1.0, predicted.numel()).reshape(predicted.shape)
-        depth_mask = depth_module.prepare_depth_map(photo, stand_in, batch_size=1, do_classifier_free_guidance=True)
+        with mock.patch.object(F, "interpolate", interpolate):
+            depth_mask = depth_module.prepare_depth_map(photo, stand_in, batch_size=1, do_classifier_free_guidance=True)
         depth_resize = resizes[-1]
         # 3. image, timesteps (real numbers: the scheduler's table is computed on the CPU)
         image = pipe.preprocess(photo)
@@ -327,7 +446,148 @@ def run() -> dict[str, str]:
         "draws": table(("draw", "shape", "drawn at", "asked for by"), draws), "n_draws": len(draws),
         "step_kwargs": find(Pipeline._step_kwargs, "inspect.signature(self.scheduler.step)"),
         "schedulers": stochastic_schedulers(scheduler.config),
+        **transformer_block(rec, unet, transformer, scores),
+        **ddim_step(scheduler.config, int(timesteps[0])),
+        **kernel_layer(tally),
+        **announcements(),
     }
+
+
+def transformer_block(rec: Recorder, unet: UNet, transformer: SpatialTransformer, scores: dict) -> dict:
+    """Section 5, one transformer block: its numbers, its table, its links."""
+    block = transformer.transformer_blocks[0]
+    q_shape, side = rec.sizes["attn1.to_q"][0], rec.sizes["norm"][0][-1]
+    heads, head_dim, ff_inner = block.attn1.heads, block.attn1.head_dim, block.ff.net[2].in_features
+    token = lambda name: rec.sizes[name][0][-1]  # noqa: E731  (the width of a module's input tokens)
+    per_head = lambda name: f"per head ({q_shape[0]}, {heads}, {rec.sizes[name][0][1]}, {head_dim})"  # noqa: E731
+    notes = {"norm": f"GroupNorm, {transformer.norm.num_groups} groups", "proj_in": f"the map flattened: L = {side} × {side} tokens",
+             "attn1.to_q": per_head("attn1.to_q"), "attn1.to_k": per_head("attn1.to_k"),
+             "attn1.to_v": per_head("attn1.to_v"), "attn1 product": f"scores {shape(scores['attn1 product'])}",
+             "attn2.to_q": per_head("attn2.to_q"), "attn2.to_k": "from the text: " + per_head("attn2.to_k"),
+             "attn2.to_v": "from the text: " + per_head("attn2.to_v"),
+             "attn2 product": f"scores {shape(scores['attn2 product'])}",
+             "ff.net.0.proj": f"value and gate, {ff_inner} each", "ff.net.0": "GEGLU: value · gelu(gate)",
+             "proj_out": "then back to a map and `+ x`"}
+    attend = Attention.attend
+    backends = {"sdpa": ("PyTorch's fused `scaled_dot_product_attention` (the default, as diffusers)",
+                         find(attend, "F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)")),
+                "math": ("the formula above, written out; `upcast=True` computes the scores in float32",
+                         find(attend, "return math_attention(")),
+                "sliced": ("the same formula a slice of (batch × heads) at a time: less memory",
+                           find(attend, "return sliced_attention(")),
+                "xformers": ("xformers' memory-efficient kernel, when xformers is installed",
+                             find(attend, "return xformers_attention("))}
+    assert tuple(backends) == attention_module.BACKENDS, "a new attention backend: describe it in the walkthrough"
+    n_layers = sum(isinstance(m, Attention) for m in unet.modules())
+    return {"st_class": define(SpatialTransformer), "block_class": define(TransformerBlock),
+            "attention_class": define(Attention), "block": rec.table("block", notes),
+            "n_blocks": sum(isinstance(m, TransformerBlock) for m in unet.modules()), "n_attn": n_layers,
+            "side": side, "L": q_shape[1], "D": token("norm1"), "Dc": token("attn2.to_k"), "heads": heads,
+            "head_dim": head_dim, "ff_inner": ff_inner,
+            "flatten": find(SpatialTransformer.forward, 'h = rearrange(h, "B C H W -> B (H W) C")'),
+            "st_residual": find(SpatialTransformer.forward, "return x + h"),
+            "res1": find(TransformerBlock.forward, "x = x + self.attn1(self.norm1(x)"),
+            "res2": find(TransformerBlock.forward, "x = x + self.attn2(self.norm2(x), context"),
+            "res3": find(TransformerBlock.forward, "return x + self.ff(self.norm3(x))"),
+            "geglu_split": find(GEGLU.forward, "value, gate = self.proj(x).chunk(2, dim=-1)"),
+            "geglu": find(GEGLU.forward, "F.gelu(gate).mul_(value)"),
+            "split_heads": find(Attention.forward, 'q = rearrange(self.to_q(x), "B L (h d) -> B h L d"'),
+            "scores_line": find(attention_module.attention_probs,
+                                "scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5"),
+            "softmax_line": find(attention_module.attention_probs, "scores.softmax(dim=-1)"),
+            "times_v": find(attention_module.math_attention, "attention_probs(q, k, upcast, mask) @ v"),
+            "merge": find(Attention.forward, 'self.to_out(rearrange(out, "B h L d -> B L (h d)"))'),
+            "scores1": shape(scores["attn1 product"]), "scores2": shape(scores["attn2 product"]),
+            "scores_mib": f"{scores['attn1 product'].numel() * 4 / 2**20:.0f}",
+            "attend": define(attend),
+            "backends": table(("backend", "computes the product with", "code"),
+                              [(f"`{name}`", what, code) for name, (what, code) in backends.items()]),
+            "slicing": find(Pipeline.enable_attention_slicing, 'set_attention_backend(self.unet, "sliced"'),
+            "set_backend": define(attention_module.set_attention_backend),
+            "processor": find(Attention.forward, "out = self.processor(self, q, k, v")}
+
+
+def ddim_step(config, t0: int) -> dict:
+    """Section 5, one DDIM step from the SD2 configuration at the run's first timestep, on real numbers: the noise
+    levels, and the step's coefficients measured by calling it on ones and zeros (it is linear in x_t, eps and z)."""
+    s = DDIMScheduler.from_config(config)
+    s.set_timesteps(STEPS)
+    t = s.timesteps[[int(x) for x in s.timesteps].index(t0)]
+    t_prev = t0 - s.config.num_train_timesteps // s.num_inference_steps
+    a, a_prev = float(s.alphas_cumprod[t]), float(s.alphas_cumprod[t_prev])
+    one, zero = torch.ones(1), torch.zeros(1)
+    step = lambda eps, x, eta=0.0, z=None: s.step(eps, t, x, eta=eta, variance_noise=z)  # noqa: E731
+    x_x, x_eps = float(step(zero, one).prev_sample), float(step(one, zero).prev_sample)
+    x0_x, x0_eps = float(step(zero, one).pred_original_sample), float(step(one, zero).pred_original_sample)
+    sigma = float(step(zero, zero, 1.0, one).prev_sample)  # eta = 1: the noise's coefficient
+    x1_x, x1_eps = float(step(zero, one, 1.0, zero).prev_sample), float(step(one, zero, 1.0, zero).prev_sample)
+    signed = lambda c, name: f"{'−' if c < 0 else '+'} {abs(c):.4f} {name}"  # noqa: E731
+    code = DDIMScheduler.step
+    rows = [
+        ("previous timestep", f"t' = t − T/N = {t0} − {s.config.num_train_timesteps}/{STEPS}", f"t' = {t_prev}",
+         find(code, "prev_timestep = timestep - c.num_train_timesteps // self.num_inference_steps")),
+        ("noise levels", "ᾱ_t, ᾱ_t'", f"{a:.4f}, {a_prev:.4f}", find(code, "alpha_prod_t = self.alphas_cumprod[timestep]")
+         + ", " + find(code, "alpha_prod_t_prev = self.alphas_cumprod[prev_timestep]")),
+        ("predicted x0", "x̂0 = (x_t − √(1 − ᾱ_t) ε̂) / √ᾱ_t", f"x̂0 = {x0_x:.4f} x_t {signed(x0_eps, 'ε̂')}",
+         find(code, "x0 = x0_from_model_output_vp(") + " → " +
+         find(scheduler_maths.x0_from_eps, "return (sample - sigma_t * eps) / alpha_t")),
+        ("noise size", "σ_t = η √((1 − ᾱ_t') / (1 − ᾱ_t)) √(1 − ᾱ_t / ᾱ_t')", f"σ_t = {sigma:.4f} η",
+         find(code, "std_dev_t = eta * self._variance(") + ", " +
+         find(DDIMScheduler._variance, "((1 - alpha_prod_t_prev) / (1 - alpha_prod_t))")),
+        ("direction pointing to x_t", "√(1 − ᾱ_t' − σ_t²) ε̂", f"{(1 - a_prev) ** 0.5:.4f} ε̂ (η = 0)",
+         find(code, "direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** (0.5) * eps")),
+        ("x_t' without noise", "√ᾱ_t' x̂0 + direction", f"{a_prev ** 0.5:.4f} x̂0 + direction",
+         find(code, "prev_sample = alpha_prod_t_prev ** (0.5) * x0 + direction")),
+        ("fresh noise (η > 0: a random draw)", "+ σ_t z, z ~ N(0, I)", f"+ {sigma:.4f} z (η = 1)",
+         find(code, "variance_noise = randn_tensor(") + ", " +
+         find(code, "prev_sample = prev_sample + std_dev_t * variance_noise")),
+        ("returned", "x_t' and x̂0", "", find(code, "SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)")),
+    ]
+    return {"ddim_class": define(DDIMScheduler), "t_prev": t_prev, "clip": s.config.clip_sample,
+            "ddim": table(("term", "Song et al. 2021, eq. 12", f"here, t = {t0}", "code"), rows),
+            "ddim0": f"x_{t_prev} = {x_x:.4f} x_{t0} {signed(x_eps, 'ε̂')}",
+            "ddim1": f"x_{t_prev} = {x1_x:.4f} x_{t0} {signed(x1_eps, 'ε̂')} + {sigma:.4f} z",
+            "x0_observed": find(Pipeline.denoise, 'x0=getattr(step, "pred_original_sample", None)')}
+
+
+def kernel_layer(tally: KernelTally) -> dict:
+    """Section 8: what fast_kernels.py does, and what it did for this run's calls."""
+    code = {name: define(getattr(kernels, name)) for name in KERNELS if hasattr(kernels, name)}
+    code["channels-last"] = find(kernels.conv2d, "x = x.contiguous(memory_format=torch.channels_last)")
+    code["default"] = find(kernels.conv2d, "return F.conv2d(x, weight, bias, stride, padding, dilation, groups)")
+    constants = {"low_res": "LOW_RES_POSITIONS", "high_res": "HIGH_RES_POSITIONS",
+                 "nnpack_positions": "NNPACK_POSITIONS", "nnpack_channels": "NNPACK_MIN_CHANNELS"}
+    square = lambda n: f"{math.isqrt(n)} × {math.isqrt(n)}" if math.isqrt(n) ** 2 == n else str(n)  # noqa: E731
+    rows = [(KERNELS[name], code[name], *(tally.counts.get(name, {}).get(stage, 0) for stage in STAGES),
+             tally.sites[name][1] if name in tally.sites else "")
+            for name in KERNELS]
+    return {"kernels": table(("kernel", "code", *STAGES, "for example"), rows),
+            "fk_def": define(kernels.fast_kernels), "fk_mode": define(kernels._FastKernels),
+            "dispatch": find(kernels._FastKernels.__torch_function__, "if func is F.linear or func is F.conv2d:"),
+            "cpu_check": find(kernels._FastKernels.__torch_function__, "if _cpu_inference(*tensors):"),
+            "noted": find(kernels._FastKernels.__torch_function__, "self.upsampled[out] = args[0]"),
+            "folded": find(kernels._FastKernels.__torch_function__, "folded = _folded_conv("),
+            "dispatcher": define(kernels.conv2d),
+            **{f"{key}_line": find(kernels, f"{name} = ", whole=True) for key, name in constants.items()},
+            **{key: square(getattr(kernels, name)) for key, name in constants.items() if key != "nnpack_channels"},
+            "nnpack_channels": kernels.NNPACK_MIN_CHANNELS,
+            "running": find(Pipeline._running, "fast_kernels(enabled=not self.exact"),
+            "set_exact": define(Pipeline.set_exact),
+            "env": find(Pipeline.__init__, 'os.environ.get("MINIDEPTH_EXACT"')}
+
+
+def announcements() -> dict:
+    """Section 9: where the pipeline announces each event to its observers."""
+    events = {"generation_started": Pipeline.__call__, "prompt_encoded": Pipeline.encode_prompt,
+              "depth_ready": Pipeline.prepare_depth_map, "image_ready": Pipeline.preprocess,
+              "latents_ready": Pipeline.prepare_latents, "denoising_started": Pipeline.denoise,
+              "step_done": Pipeline.denoise, "decoded": Pipeline.decode}
+    assert {*events, "stage_started", "stage_finished"} == set(observers.EVENTS), "a new event: name it in section 9"
+    needles = {"decoded": 'self.announce("decoded", images=images'}  # (not the early return of output_type="latent")
+    return {"observable": define(observers.Observable), "observing": define(observers.Observable.observing),
+            "announce": find(observers.Observable.announce, "method(self, **data)"),
+            "stage": find(Pipeline._running, "with self.stage(stage)"),
+            **{f"ev_{event}": find(fn, needles.get(event, f'self.announce("{event}"')) for event, fn in events.items()}}
 
 
 def stochastic_schedulers(config) -> str:
@@ -357,7 +617,9 @@ TEMPLATE = """\
 # Walkthrough: one 512 × 512 generation, stage by stage
 
 This page follows one call of the pipeline through the code, from a prompt and a photo to a new image, with the real
-tensor shapes at every stage and a link to the line that produces each of them:
+tensor shapes at every stage and a link to the line that produces each of them. Then it goes to the bottom: one
+transformer block of the UNet down to the attention product, one scheduler step in equations, the kernels underneath
+the layers, and where an observer can listen in. The call:
 
 ```python
 pipe("a marble statue of two cats", image=photo, generator=torch.Generator().manual_seed(0))  # photo: 512 x 512 RGB
@@ -471,6 +733,65 @@ same table, derived from the configuration, is in the docstring of `minidepth/mo
 
 {skips}
 
+### One transformer block, down to the attention product
+
+The text enters the UNet in its {n_blocks} transformer blocks, one in each spatial transformer ({st_class}); one UNet
+call runs {n_attn} attention layers. Follow the first block, in `down_blocks.0.attentions.0`, at the largest side
+({side} × {side}). The spatial transformer normalises the feature map, flattens it into a sequence of L = {L} tokens of
+width D = {D} ({flatten}) and projects it. The block ({block_class}) is three residual sub-layers, each with its own
+LayerNorm in front ("pre-norm", so the residual path `x` itself is never normalised):
+
+```
+x = x + attn1(norm1(x))              self-attention: every image token looks at every other
+x = x + attn2(norm2(x), context)     cross-attention: every image token looks at the 77 text tokens
+x = x + ff(norm3(x))                 feed-forward, each token on its own
+```
+
+in {res1}, {res2} and {res3}. The feed-forward is a GELU-gated linear unit (Shazeer 2020): one projection to
+2 × {ff_inner}, split into a value and a gate ({geglu_split}), `value · gelu(gate)` ({geglu}), then a projection back
+to {D}. After the block the spatial transformer projects back, unflattens the tokens to a map and adds its own input
+({st_residual}). Module by module, for the batch of two (unconditional and conditional):
+
+{block}
+
+Every attention layer of every network (UNet, VAE, text encoder, DPT) is one module, `Attention` ({attention_class}).
+`to_q`, `to_k` and `to_v` project the tokens, and their width D = {D} is cut into h = {heads} heads of d = {head_dim}
+({split_heads}): tensors of shape `(B, h, L, d)`. In cross-attention the keys and values come from the text, S = 77
+tokens of width {Dc}, so only the queries have L rows. Each head then computes Vaswani et al.'s (2017, eq. 1)
+
+```
+Attention(Q, K, V) = softmax(Q Kᵀ / √d) V          Q: (B, h, L, d)   K, V: (B, h, S, d)   →   (B, h, L, d)
+```
+
+written out in {scores_line}, {softmax_line} and {times_v}. The softmax runs over the keys, so each query's weights
+sum to 1; dividing by √d keeps the dot products of d-dimensional vectors from growing with d. The heads are then put
+side by side again and mixed by `to_out` ({merge}). Here the score matrix of self-attention is {scores1}, {scores_mib} MiB in
+float32, against {scores2} for cross-attention: self-attention at 64 × 64 is where the memory goes. Which code
+computes the product is a setting of each layer, its `backend` ({attend}):
+
+{backends}
+
+`pipe.enable_attention_slicing()` switches the UNet's layers to `"sliced"` ({slicing}) through {set_backend}. A layer
+can also hold a `processor` that replaces the product ({processor}); `record_attention(pipe, words)` in
+`minidepth/inside/attention_maps.py` gives the UNet's cross-attention layers one that keeps the weights of each word.
+
+### One scheduler step, in equations: DDIM
+
+The checkpoint's PNDM combines the last few noise predictions; DDIM ({ddim_class}; Song et al. 2021) is the simplest
+step to read, and `pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)` runs it on the same noise
+schedule. With ᾱ_t the cumulative product of the schedule (section 4), eq. 12 of the paper goes from t to the previous
+inference timestep t' in three terms: the clean latents x̂0 that the predicted noise ε̂ implies, the "direction
+pointing to x_t", and fresh noise whose size η chooses (η = 0: deterministic DDIM; η = 1: as much noise as DDPM).
+From the SD2 configuration, at the first step of this run:
+
+{ddim}
+
+With `clip_sample={clip}` in the SD2 configuration, the clipping of x̂0 between the two is skipped. Collecting terms,
+one deterministic step (η = 0) is `{ddim0}`, measured by calling `step` on ones and zeros (it is linear in each); with
+η = 1 it is `{ddim1}`. The x̂0 the step returns next to the new latents is what an observer's `step_done` receives as
+`x0` ({x0_observed}); the filmstrip in `minidepth/inside/filmstrip.py` computes the same formula to show the clean
+image predicted at every step.
+
 ## 6. Latents → image
 
 After the last step the latents are divided by the scaling factor again and decoded: the decoder mirrors the encoder,
@@ -495,6 +816,51 @@ running every scheduler for four calls from the SD2 configuration (those not lis
 {schedulers}
 
 With a list of generators (one per image) every draw is made per image, each from its own generator.
+
+## 8. Underneath the layers: the kernel layer
+
+The networks above are written with plain `nn.Linear` and `nn.Conv2d` layers, which run PyTorch's default kernels,
+the ones diffusers runs: that is how the parity tests can compare the two bit for bit. On a CPU, in float32 and for
+inference (no autograd graph being recorded), `minidepth/fast_kernels.py` routes some of those calls to faster kernels
+that compute the same maths with a different rounding (images within 1e-3; its docstring has the measurements):
+
+- a 3×3 convolution on at least {nnpack_positions} positions ({nnpack_positions_line}) with at least
+  {nnpack_channels} input channels ({nnpack_channels_line}): NNPACK's Winograd F(6×6, 3×3), which computes a 6 × 6
+  block of outputs from an 8 × 8 tile with 64 instead of 324 multiplications per channel pair;
+- at most {low_res} output positions ({low_res_line}), the UNet's lowest levels: im2col and one matrix product, so
+  that the large weight is used where it lies instead of being reordered for every call;
+- a nearest 2× upsampling followed by a 3×3 convolution: four 2×2 convolutions of the small image, one per output
+  phase (4 instead of 9 multiply-adds per output, and the upsampled image never built). The mode notes which tensors
+  `F.interpolate` made by nearest doubling ({noted}), so that the convolution reading one of them is folded
+  ({folded});
+- a 1×1 convolution, and every `F.linear`: one matrix product by oneDNN;
+- any other convolution from {high_res} positions ({high_res_line}): channels-last memory layout.
+
+It is one context manager, `fast_kernels()` ({fk_def}), a `TorchFunctionMode` ({fk_mode}) that sees every `F.linear`
+and `F.conv2d` call made inside it ({dispatch}) and reroutes only the CPU float32 inference calls ({cpu_check}),
+through `conv2d` ({dispatcher}); everything else runs unchanged. The pipeline opens it around each model it runs, in
+`_running` ({running}), unless it is exact: `pipe.set_exact(True)` ({set_exact}), `MINIDEPTH_EXACT=1` in the
+environment ({env}) or `--exact` on the command line gives back PyTorch's kernels and bit-identical images. (A
+compiled UNet runs without it too: inductor writes its own kernels.)
+
+For this run the script counted where each call would go, on a CPU with oneDNN and NNPACK, per stage of the pipeline
+(the stages as the pipeline announces them, section 9; `denoise` is one of the {n_loop} UNet calls, `prompt` the two
+text-encoder calls):
+
+{kernels}
+
+## 9. Where an observer listens
+
+The pipeline is also an `Observable` ({observable}): `with pipe.observing(obs):` ({observing}) adds observers for a
+block, and each step announces what it has made by calling `obs.<event>(pipe, **data)` on every observer that has that
+method ({announce}). `__call__` announces `generation_started` after the argument checks ({ev_generation_started}), then
+the steps announce `prompt_encoded` ({ev_prompt_encoded}), `depth_ready` ({ev_depth_ready}), `image_ready`
+({ev_image_ready}), `latents_ready` ({ev_latents_ready}), `denoising_started` ({ev_denoising_started}), `step_done`
+after every scheduler step, with the latents, the guided noise and x̂0 ({ev_step_done}), and `decoded`
+({ev_decoded}); `_running` wraps each model's run in `stage_started` and `stage_finished` ({stage}). Because the steps
+announce, and not `__call__`, a notebook that calls them one by one is observed too; the script that writes this page
+is one, and its kernel count above is an observer that listens for `stage_started`. Observers only look (to change the
+latents mid-loop there is diffusers' `callback_on_step_end`); `minidepth/observers.py` lists each event's keywords.
 """
 
 

@@ -138,3 +138,22 @@ def test_batches_and_saved_overlays(ours, tmp_path):
     paths = rec.save(tmp_path, out.images[2], ["marble", "statue"], index=2)
     assert [p.name for p in paths] == ["attn-marble.png", "attn-statue.png"]
     assert all(p.is_file() for p in paths)
+
+
+def test_steps_called_one_by_one_are_recorded_as_a_whole_call(ours):
+    """A notebook that runs the pipeline's steps itself: the recorder learns the prompt from `prompt_encoded` (there is
+    no `generation_started`) and records the same maps as for `pipe(...)`."""
+    image, steps, strength = photo(W, H), KW["num_inference_steps"], 0.8
+    with record_attention(ours, ["cat"]) as whole:
+        ours(image=image, strength=strength, generator=torch.Generator().manual_seed(0), **KW)
+    with record_attention(ours, ["cat"]) as by_hand:
+        embeds, negative = ours.encode_prompt(PROMPT, 1, True)
+        embeds = torch.cat([negative, embeds])
+        depth = ours.prepare_depth_map(image, None, 1, True, embeds.dtype)
+        timesteps, n = ours.get_timesteps(steps, strength)
+        latents = ours.prepare_latents(ours.preprocess(image), timesteps[:1], 1, 1, embeds.dtype,
+                                       torch.Generator().manual_seed(0))
+        ours.denoise(latents, timesteps, embeds, depth, guidance_scale=KW["guidance_scale"], num_inference_steps=n)
+    assert by_hand.prompts == whole.prompts == [PROMPT] and by_hand.count == whole.count > 0
+    assert torch.equal(by_hand.sums, whole.sums)
+    assert torch.equal(by_hand.word_maps("cat")["cat"], whole.word_maps("cat")["cat"])

@@ -36,13 +36,23 @@ def test_document_matches_the_code(walkthrough):
 def test_every_link_points_at_the_code_it_names():
     text = DOC.read_text()
     links = list(LINK.finditer(text))
-    assert len(links) == text.count("](../minidepth/") > 20, "every link into minidepth/ must be `code` [file:line](...)"
+    assert len(links) == text.count("](../minidepth/"), "every link into minidepth/ must be `code` [file:line](...)"
+    assert len(links) > 180, f"only {len(links)} links: has a section of the walkthrough gone missing?"
     for m in links:
         code, _, shown, shown_line, target, line = m.groups()
         assert (shown, shown_line) == (target, line), m.group(0)
         lines = (REPO / "minidepth" / target).read_text().splitlines()
         assert 1 <= int(line) <= len(lines), m.group(0)
         assert code.replace("\\|", "|") in lines[int(line) - 1], f"{m.group(0)}: line {line} is {lines[int(line) - 1]!r}"
+
+
+def test_the_walkthrough_goes_to_the_bottom():
+    """Past the pipeline's steps: into a transformer block and the attention product, one DDIM step, the kernel layer
+    and the observers, each with links to its lines."""
+    targets = {m.group(5) for m in LINK.finditer(DOC.read_text())}
+    for path in ("models/blocks.py", "models/attention.py", "schedulers/ddim.py", "schedulers/maths.py",
+                 "fast_kernels.py", "observers.py"):
+        assert path in targets, f"docs/walkthrough.md links no line of minidepth/{path}"
 
 
 def test_readme_links_the_walkthrough():

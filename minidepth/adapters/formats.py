@@ -2,10 +2,12 @@
 
     kohya / A1111 (sd-scripts, LyCORIS LoCon)   lora_unet_<layer>.lora_down.weight, .lora_up.weight, .alpha
                                                 lora_te_<layer>...  where <layer> is the diffusers / transformers
-                                                path with "." written "_" (or the original LDM UNet path, the same way)
+                                                path with "." written "_" (or the original LDM UNet path, the same way;
+                                                the text encoder's with or without transformers 4's `text_model` level)
     diffusers / PEFT                            unet.<layer>.lora_A.weight, .lora_B.weight; text_encoder.<layer>...;
                                                 alphas, if any, in the safetensors metadata "lora_adapter_metadata"
-                                                (peft's LoraConfig: lora_alpha, alpha_pattern)
+                                                (peft's LoraConfig: lora_alpha, alpha_pattern, use_rslora: scale
+                                                alpha / sqrt(r)); .lora_B.bias when B has a bias (lora_bias)
     diffusers' older attention-processor files  unet.<block>.attn1.processor.to_q_lora.down.weight, <layer>.lora.down.weight,
                                                 text_encoder.<...>.self_attn.to_q_lora.down.weight,
                                                 <...>.mlp.fc1.lora_linear_layer.down.weight
@@ -19,6 +21,7 @@ parameters has, and `LayerNames` asks them for every Linear / Conv2d. Everything
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -29,8 +32,11 @@ import torch
 from torch import nn
 
 from ..checkpoints import diffusers_format, ldm_format, transformers_format
+from ..checkpoints.hub import hub_file, is_repo_id
 from ..checkpoints.loader import CheckpointError, TensorFile
 from .lora import LORA_TARGETS
+
+logger = logging.getLogger(__name__)
 
 COMPONENTS = ("unet", "text_encoder")
 WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
@@ -41,11 +47,12 @@ UNSUPPORTED = {"hada_w": "LoHa (LyCORIS Hadamard product)", "lokr_w": "LoKr (LyC
                "dora_scale": "DoRA (weight-decomposed LoRA)", "lora_magnitude_vector": "DoRA (weight-decomposed LoRA)",
                "lora_mid": "LoCon with CP/Tucker decomposition (LyCORIS lora_mid)", "oft_": "OFT / BOFT",
                ".diff": "full weight difference (LyCORIS 'full')", "lora_te2_": "SDXL (second text encoder)",
-               "text_encoder_2.": "SDXL (second text encoder)", "lora_B.bias": "LoRA with bias (lora_bias)",
-               "lora_up.bias": "LoRA with bias"}
+               "text_encoder_2.": "SDXL (second text encoder)",
+               "lora_up.bias": "kohya LoRA with bias (diffusers reads lora_B.bias only)"}
 KOHYA = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
 KOHYA_ROLES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
-DIFFUSERS_ROLES = {"lora_A.weight": "down", "lora_B.weight": "up", "lora.down.weight": "down", "lora.up.weight": "up",
+DIFFUSERS_ROLES = {"lora_A.weight": "down", "lora_B.weight": "up", "lora_B.bias": "up_bias",  # peft's lora_bias=True
+                   "lora.down.weight": "down", "lora.up.weight": "up",
                    "lora_linear_layer.down.weight": "down", "lora_linear_layer.up.weight": "up"}
 # The older attention-processor format names the projection, not the layer: to_q_lora -> the layer to_q / q_proj.
 OLD_PROCESSOR = re.compile(r"(?P<block>.+?)(?:\.processor)?\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<role>down|up)"
@@ -67,17 +74,23 @@ class LoRAEntry:
     up: torch.Tensor
     alpha: float | None
     keys: dict[str, str] = field(default_factory=dict)  # role -> the file's key, for messages
+    up_bias: torch.Tensor | None = None  # peft's lora_bias=True: B has a bias (out,)
+    rank_stabilised: bool = False        # rsLoRA (Kalajdzievski 2023): scale alpha / sqrt(r) instead of alpha / r
 
 
 # ------------------------------------------------------------------------------------------------ reading files
-def read_lora_file(source, weight_name: str | None = None) -> tuple[dict[str, torch.Tensor], dict | None, str]:
-    """A state dict, a LoRA file, or a folder holding `weight_name` (default pytorch_lora_weights.safetensors, then
-    .bin) -> (tensors, peft metadata or None, description). Pickles only with torch.load(weights_only=True)."""
+def read_lora_file(source, weight_name: str | None = None, **hub) -> tuple[dict[str, torch.Tensor], dict | None, str]:
+    """A state dict, a LoRA file, a folder holding `weight_name` (default pytorch_lora_weights.safetensors, then
+    .bin), or a Hub repo id (`owner/name`, with `weight_name` and the `hub` options of checkpoints.hub.hub_file;
+    cached like the checkpoints) -> (tensors, peft metadata or None, description). Pickles only with
+    torch.load(weights_only=True)."""
     if isinstance(source, Mapping):
         bad = [k for k, v in source.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise LoRAFormatError(f"the LoRA state dict holds non-tensor values under {bad[:5]}")
         return dict(source), None, "the LoRA state dict"
+    if is_repo_id(source):
+        source = hub_file(str(source), (weight_name,) if weight_name else WEIGHT_NAMES, what="LoRA", **hub)
     path = Path(os.fspath(source))
     if path.is_dir():
         names = [weight_name] if weight_name else list(WEIGHT_NAMES)
@@ -113,7 +126,8 @@ class LayerNames:
             self._add("unet", unet, [diffusers_format.UNET_KEYS], [diffusers_format.UNET_KEYS, ldm], "lora_unet_")
         if text_encoder is not None:
             clip = transformers_format.CLIP_TEXT_KEYS  # text_model.encoder.layers.0.self_attn.q_proj
-            self._add("text_encoder", text_encoder, [clip, transformers_format.CLIP_TEXT_V5_KEYS], [clip], "lora_te_")
+            v5 = transformers_format.CLIP_TEXT_V5_KEYS  # encoder.layers.0.self_attn.q_proj (transformers 5's CLIP)
+            self._add("text_encoder", text_encoder, [clip, v5], [clip, v5], "lora_te_")  # both kohya spellings
 
     def _add(self, component, model, dotted_maps, kohya_maps, kohya_prefix):
         for ours, module in model.named_modules():
@@ -159,28 +173,32 @@ def _parse_key(key: str) -> tuple[str, str, str, str] | None:
     return None
 
 
+def _metadata(metadata: dict | None, component: str) -> dict:
+    """The peft LoraConfig fields of one component from the file's metadata ({} when it has none)."""
+    config = {k[len(component) + 1:]: v for k, v in (metadata or {}).items() if k.startswith(component + ".")}
+    if config.get("use_dora"):
+        raise LoRAFormatError(f"DoRA (weight-decomposed LoRA) is not supported (the file's metadata says "
+                              f"{component}.use_dora=true)")
+    return config
+
+
 def _metadata_alpha(metadata: dict | None, component: str, file_layer: str) -> float | None:
     """peft's rule: the first `alpha_pattern` key matching the layer path (as a regex on a dotted suffix), else
     `lora_alpha`. None when the file has no metadata."""
-    if not metadata:
-        return None
-    config = {k[len(component) + 1:]: v for k, v in metadata.items() if k.startswith(component + ".")}
+    config = _metadata(metadata, component)
     if not config:
         return None
-    flags = {"use_dora": "DoRA (weight-decomposed LoRA)", "use_rslora": "rank-stabilised LoRA (use_rslora)"}
-    for flag, what in flags.items():
-        if config.get(flag):
-            raise LoRAFormatError(f"{what} is not supported (the file's metadata says {component}.{flag}=true)")
     for pattern, alpha in (config.get("alpha_pattern") or {}).items():
         if re.match(rf"(.*\.)?({pattern})$", file_layer):
             return float(alpha)
     return float(config["lora_alpha"]) if "lora_alpha" in config else None
 
 
-def read_lora(source, models: Mapping[str, nn.Module | None], weight_name: str | None = None) -> list[LoRAEntry]:
+def read_lora(source, models: Mapping[str, nn.Module | None], weight_name: str | None = None,
+              **hub) -> list[LoRAEntry]:
     """Read a LoRA file (any format above) and check it against `models` ({"unet": ..., "text_encoder": ...}).
     Returns one entry per layer; raises LoRAFormatError / FileNotFoundError before anything is changed."""
-    tensors, metadata, where = read_lora_file(source, weight_name)
+    tensors, metadata, where = read_lora_file(source, weight_name, **hub)
     if not tensors:
         raise LoRAFormatError(f"{where} holds no tensors")
     for fragment, what in UNSUPPORTED.items():
@@ -222,8 +240,17 @@ def read_lora(source, models: Mapping[str, nn.Module | None], weight_name: str |
             continue
         alpha = (float(tensors[group["alpha"]]) if "alpha" in group
                  else _metadata_alpha(metadata, component, group["file_layer"]))
+        config = _metadata(metadata, component)
+        # diffusers: with metadata, LoraConfig(**metadata) decides lora_bias (biases of a file that says false are
+        # ignored, with a warning); without, any lora_B.bias turns it on
+        bias_key = group.get("up_bias") if not config or config.get("lora_bias") else None
+        if group.get("up_bias") and bias_key is None:
+            logger.warning("%s: %s ignored (the file's metadata says lora_bias=false, as diffusers does)", where,
+                           group["up_bias"])
         entry = LoRAEntry(component, ours, tensors[group["down"]], tensors[group["up"]], alpha,
-                          {r: group[r] for r in ("down", "up", "alpha") if r in group})
+                          {r: group[r] for r in ("down", "up", "alpha", "up_bias") if r in group},
+                          up_bias=tensors[bias_key] if bias_key else None,
+                          rank_stabilised=bool(config.get("use_rslora")))
         problem = _check_shapes(entry, models[component].get_submodule(ours))
         if problem:
             problems.append(problem)
@@ -252,6 +279,8 @@ def _check_shapes(entry: LoRAEntry, layer: nn.Module) -> str | None:
         if tuple(tensor.shape) != want:
             return (f"  {entry.keys[role]}: shape {list(tensor.shape)} does not fit {name} "
                     f"({type(layer).__name__}, expects {list(want)})")
+    if entry.up_bias is not None and tuple(entry.up_bias.shape) != (want_up[0],):
+        return f"  {entry.keys['up_bias']}: shape {list(entry.up_bias.shape)}, expects [{want_up[0]}]"
     return None
 
 

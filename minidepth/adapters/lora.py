@@ -24,6 +24,7 @@ hooks, no extra attributes). Fusing (`fuse`) adds scale · B A into W itself (fo
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import torch
@@ -36,27 +37,32 @@ LORA_TARGETS = (nn.Linear, nn.Conv2d)
 class LoRA(nn.Module):
     """One adapter of one layer: the update B(A x), and the numbers that make its scale."""
 
-    def __init__(self, layer: nn.Linear | nn.Conv2d, down: torch.Tensor, up: torch.Tensor, alpha: float | None):
+    def __init__(self, layer: nn.Linear | nn.Conv2d, down: torch.Tensor, up: torch.Tensor, alpha: float | None,
+                 up_bias: torch.Tensor | None = None, rank_stabilised: bool = False):
         super().__init__()
         weight = layer.weight
         # Trainable like peft's (requires_grad also picks torch's matmul path, so results equal peft's to the bit)
         self.down = nn.Parameter(down.to(device=weight.device, dtype=weight.dtype).clone())  # A: (r, in[, k, k])
         self.up = nn.Parameter(up.to(device=weight.device, dtype=weight.dtype).clone())  # B: (out, r[, 1, 1])
+        # peft's lora_bias=True: B(A x) + b, the bias scaled with the rest
+        self.up_bias = None if up_bias is None else nn.Parameter(up_bias.to(device=weight.device, dtype=weight.dtype))
         self.rank = down.shape[0]
         self.alpha = float(self.rank if alpha is None else alpha)  # no alpha in the file: scale 1 (alpha = rank)
+        self.rank_stabilised = rank_stabilised  # rsLoRA (Kalajdzievski 2023, "A Rank Stabilization Scaling Factor")
         self.adapter_weight = 1.0  # set_adapters' weight for this adapter
         self.conv = isinstance(layer, nn.Conv2d)
         self.stride, self.padding = (layer.stride, layer.padding) if self.conv else (None, None)
 
     def scaling(self, call_scale: float = 1.0) -> float:
-        """adapter weight × alpha / r × call scale, multiplied in peft's order (a Python float)."""
-        return self.adapter_weight * self.alpha / self.rank * call_scale
+        """adapter weight × alpha / r × call scale (rsLoRA: / sqrt(r)), multiplied in peft's order (a Python float)."""
+        rank = math.sqrt(self.rank) if self.rank_stabilised else self.rank
+        return self.adapter_weight * self.alpha / rank * call_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """B(A x): (..., in) -> (..., out) for a Linear layer, (B, in, H, W) -> (B, out, H', W') for a convolution."""
         if self.conv:
-            return F.conv2d(F.conv2d(x, self.down, stride=self.stride, padding=self.padding), self.up)
-        return F.linear(F.linear(x, self.down), self.up)
+            return F.conv2d(F.conv2d(x, self.down, stride=self.stride, padding=self.padding), self.up, self.up_bias)
+        return F.linear(F.linear(x, self.down), self.up, self.up_bias)
 
     def delta_weight(self, scale: float) -> torch.Tensor:
         """scale · B A in the layer's weight shape: what fusing adds to W. Computed in float32."""
@@ -74,6 +80,7 @@ class Adapters(nn.ModuleDict):
         self.call_scale = 1.0                # cross_attention_kwargs["scale"] during one forward (`lora_scale`)
         self.fused: dict[str, float] = {}    # adapters added into W by `fuse`, with the scale they were added with
         self.original: torch.Tensor | None = None  # W before fusing (on the CPU), put back by `unfuse`
+        self.original_bias: torch.Tensor | None = None  # and the bias, when an adapter with a bias was fused
         self.handles: list = []              # the layer's hooks, removed by `remove_adapters`
 
 
@@ -104,8 +111,10 @@ def _ignore_missing_lora(layer: nn.Module, incompatible_keys) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ one layer
-def add_adapter(layer: nn.Module, name: str, down: torch.Tensor, up: torch.Tensor, alpha: float | None) -> LoRA:
-    """Attach adapter `name` (A = down, B = up) to a Linear or Conv2d layer; the first one installs the hooks."""
+def add_adapter(layer: nn.Module, name: str, down: torch.Tensor, up: torch.Tensor, alpha: float | None,
+                up_bias: torch.Tensor | None = None, rank_stabilised: bool = False) -> LoRA:
+    """Attach adapter `name` (A = down, B = up [+ B's bias]) to a Linear or Conv2d layer; the first one installs the
+    hooks."""
     if not isinstance(layer, LORA_TARGETS):
         raise TypeError(f"LoRA attaches to nn.Linear or nn.Conv2d layers, not {type(layer).__name__}")
     if not isinstance(getattr(layer, "lora", None), Adapters):
@@ -113,7 +122,7 @@ def add_adapter(layer: nn.Module, name: str, down: torch.Tensor, up: torch.Tenso
         layer.lora.handles = [layer.register_forward_hook(_add_updates),
                               layer.register_state_dict_post_hook(_drop_lora_entries),
                               layer.register_load_state_dict_post_hook(_ignore_missing_lora)]
-    layer.lora[name] = LoRA(layer, down, up, alpha)
+    layer.lora[name] = LoRA(layer, down, up, alpha, up_bias, rank_stabilised)
     return layer.lora[name]
 
 
@@ -127,6 +136,10 @@ def fuse(layer: nn.Module, names: list[str], call_scale: float = 1.0) -> None:
                 adapters.original = layer.weight.detach().to("cpu", copy=True)
             scale = adapters[name].scaling(call_scale)
             layer.weight.data += adapters[name].delta_weight(scale).to(layer.weight.dtype)
+            if adapters[name].up_bias is not None:  # peft: bias += B's bias × scale
+                if adapters.original_bias is None:
+                    adapters.original_bias = layer.bias.detach().to("cpu", copy=True)
+                layer.bias.data += adapters[name].up_bias.detach() * scale
             adapters.fused[name] = scale
 
 
@@ -135,8 +148,10 @@ def unfuse(layer: nn.Module) -> None:
     adapters: Adapters = layer.lora
     if adapters.original is not None:
         layer.weight.data.copy_(adapters.original)
+    if adapters.original_bias is not None:
+        layer.bias.data.copy_(adapters.original_bias)
     adapters.fused.clear()
-    adapters.original = None
+    adapters.original = adapters.original_bias = None
 
 
 def remove_adapter(layer: nn.Module, name: str | None = None) -> None:
@@ -147,7 +162,7 @@ def remove_adapter(layer: nn.Module, name: str | None = None) -> None:
         if n in adapters:
             del adapters[n]
             if adapters.fused.pop(n, None) is not None and not adapters.fused:
-                adapters.original = None  # unloading keeps the fused weights (diffusers does the same)
+                adapters.original = adapters.original_bias = None  # unloading keeps the fused weights (as diffusers)
             if n in adapters.active:
                 adapters.active.remove(n)
     if len(adapters) == 0:

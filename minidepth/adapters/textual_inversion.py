@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoints.hub import hub_file, is_repo_id
 from ..checkpoints.loader import CheckpointError
 
 WEIGHT_NAMES = ("learned_embeds.safetensors", "learned_embeds.bin")
@@ -34,10 +35,14 @@ class EmbeddingError(CheckpointError):
 
 
 # ------------------------------------------------------------------------------------------------ reading files
-def read_embedding_file(source, weight_name: str | None = None) -> tuple[object, str]:
-    """A path (file or folder) -> (its contents: a tensor or a dict, description). Dicts and tensors pass through."""
+def read_embedding_file(source, weight_name: str | None = None, **hub) -> tuple[object, str]:
+    """A path (file or folder) or a Hub repo id (`owner/name`, e.g. an sd-concepts-library repo; `weight_name` and the
+    `hub` options of checkpoints.hub.hub_file) -> (its contents: a tensor or a dict, description). Dicts and tensors
+    pass through."""
     if isinstance(source, (Mapping, torch.Tensor)):
         return source, "the given embedding"
+    if is_repo_id(source):
+        source = hub_file(str(source), (weight_name,) if weight_name else WEIGHT_NAMES, what="embedding", **hub)
     path = Path(os.fspath(source))
     if path.is_dir():
         names = [weight_name] if weight_name else list(WEIGHT_NAMES)

@@ -61,3 +61,39 @@ def download_checkpoint(repo_id: str, *, variant: str | None = None, revision: s
     if missing:  # older repos: pickled weights only (loaded with weights_only=True)
         folder = fetch(SMALL_FILES + [_weight_name(c, variant, ".bin") for c in missing])
     return folder
+
+
+HUB_OPTIONS = ("cache_dir", "revision", "local_files_only", "subfolder", "token")  # diffusers' names, passed through
+
+
+def is_repo_id(source) -> bool:
+    """`owner/name` that is not an existing local path: a Hub repo id."""
+    name = str(source)
+    return (isinstance(source, (str, os.PathLike)) and not Path(name).expanduser().exists() and name.count("/") == 1
+            and not name.startswith((".", "/", "~")) and all(name.split("/")))
+
+
+def hub_file(repo_id: str, names: tuple[str, ...], *, what: str, revision: str | None = None,
+             cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
+             subfolder: str | None = None, token=None) -> Path:
+    """The first of `names` that Hub repo `repo_id` has, downloaded into the Hub cache (or found there, offline);
+    cached like the checkpoints. FileNotFoundError saying which names were tried, or that downloading is off."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+    offline = False
+    for name in names:
+        try:
+            return Path(hf_hub_download(repo_id, name, subfolder=subfolder, revision=revision, cache_dir=cache_dir,
+                                        local_files_only=local_files_only, token=token))
+        except LocalEntryNotFoundError:  # (a subclass of EntryNotFoundError: first)
+            offline = True
+            continue
+        except EntryNotFoundError:
+            continue
+        except RepositoryNotFoundError as e:
+            raise FileNotFoundError(f"{what} {repo_id!r}: no such Hub repo (or it is private: pass token=...)") from e
+    where = f"{repo_id}/{subfolder}" if subfolder else repo_id
+    if offline:
+        raise FileNotFoundError(f"{what} {where!r}: {' / '.join(names)} not in the local Hub cache and downloading is "
+                                "off (local_files_only=True or HF_HUB_OFFLINE=1)")
+    raise FileNotFoundError(f"{what} {where!r}: the repo has no {' or '.join(names)} (pass weight_name=...)")

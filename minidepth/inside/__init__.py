@@ -6,9 +6,12 @@
     filmstrip.py       `FilmstripRecorder` (`record_filmstrip(pipe)`): the predicted clean image x0 during denoising
     cli.py             the command-line side: `minidepth tour`, `generate --filmstrip --attention-maps`
 
-Nothing here changes what the pipeline computes: the recorders observe (an attention processor that returns the
-layer's own product, forward hooks, wrappers that call the original step), so images are bit-identical with and
-without recording.
+Nothing here changes what the pipeline computes, so images are bit-identical with and without recording. The
+recorders are observers of the pipeline (minidepth/observers.py): entering one adds it with `pipe.observing(...)`, and
+the pipeline's events (prompt encoded, step done, decoded, ...) hand it the tensors to read. Below the pipeline they
+watch modules only: a forward hook on the depth estimator (the filmstrip's depth) and an attention processor on the
+cross-attention layers that returns the layer's own product (the attention maps). No pipeline method is replaced
+(tests/test_observers.py checks it).
 """
 
 import re

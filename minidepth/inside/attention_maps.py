@@ -29,7 +29,10 @@ EOS: usually 10-20 of the 77), whatever the number of steps; no per-step map is 
 
 The recorder does not change the image: its attention processor returns the layer's own product `attn.attend(q, k,
 v)` (the configured backend: SDPA, sliced, ...), exactly what the layer computes without it; the probabilities are
-computed separately, for the record only.
+computed separately, for the record only. What it needs of the generation it learns as an observer of the pipeline
+(minidepth/observers.py): the prompts from `generation_started` (so that a word not in the prompt is an error before the
+text encoder runs) or, when a notebook calls the steps one by one, from `prompt_encoded`; the latent size and whether
+the batch is guided from `denoising_started`.
 """
 
 from __future__ import annotations
@@ -43,8 +46,8 @@ import torch
 import torch.nn.functional as F
 
 from ..models.attention import Attention, name_attention_layers
+from ..observers import Observer
 from . import safe_name
-from ._patch import observe_method
 
 MIN_SIDE_FRACTION = 1 / 32
 
@@ -83,9 +86,10 @@ def grid_sizes(height: int, width: int, levels: int = 8) -> list[tuple[int, int]
     return sizes
 
 
-class AttentionRecorder:
-    """Context manager that records the UNet's cross-attention per token (module docstring: the rules).
-    `words`: checked against the prompt when the pipeline starts, before the text encoder runs."""
+class AttentionRecorder(Observer):
+    """Context manager and pipeline observer that records the UNet's cross-attention per token (module docstring: the
+    rules). `words`: checked against the prompt when the pipeline starts, before the text encoder runs. Entering it
+    puts its processor on every cross-attention layer and adds it to `pipe.observing(...)`; leaving undoes both."""
 
     def __init__(self, pipe, words: list[str] | None = None, min_side_fraction: float = MIN_SIDE_FRACTION):
         self.pipe, self.words, self.min_side_fraction = pipe, list(words or []), min_side_fraction
@@ -108,18 +112,26 @@ class AttentionRecorder:
         stack.callback(restore)
         for layer in layers:
             layer.processor = self._processor(previous[layer])
-        stack.enter_context(observe_method(self.pipe, "encode_prompt", before=self._on_encode_prompt))
-        stack.enter_context(observe_method(self.pipe, "denoise", before=self._on_denoise))
+        stack.enter_context(self.pipe.observing(self))
         self._stack = stack
         return self
 
     def __exit__(self, *exc) -> None:
         self._stack.close()
 
-    def _on_encode_prompt(self, a: dict) -> None:
-        prompt, n = a["prompt"], a["num_images_per_prompt"]
+    # -- observing (the pipeline's events, minidepth/observers.py)
+    def generation_started(self, pipe, *, prompt, num_images_per_prompt: int, **data) -> None:
+        """Before any model runs: a word that is not in the prompt is an error now, and the sums start afresh."""
+        self._start(prompt, num_images_per_prompt)
+
+    def prompt_encoded(self, pipe, *, prompt, num_images_per_prompt: int, **data) -> None:
+        """The same once more (nothing is recorded in between): for a notebook that calls `encode_prompt` itself,
+        without `generation_started`, this is where the recorder learns the prompt."""
+        self._start(prompt, num_images_per_prompt)
+
+    def _start(self, prompt, n: int) -> None:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt) if prompt is not None else [None]
-        for p in prompts:  # a word that is not in the prompt: an error before the text encoder runs
+        for p in prompts:
             check_words(self.pipe.tokenizer, p, self.words)
         self.prompts = [p for p in prompts for _ in range(n)]  # [p0, p0, p1, p1], as the embeddings
         tok = self.pipe.tokenizer
@@ -128,11 +140,10 @@ class AttentionRecorder:
         self._tokens = max(lengths) if lengths and None not in prompts else tok.model_max_length
         self.sums, self.count, self.layers_used = None, 0, set()
 
-    def _on_denoise(self, a: dict) -> None:
-        latents = a["latents"]
-        self._guided = a["guidance_scale"] > 1
+    def denoising_started(self, pipe, *, latents: torch.Tensor, guidance_scale: float, **data) -> None:
+        self._guided = guidance_scale > 1
         h, w = latents.shape[-2:]
-        self._image_size = (h * self.pipe.vae_scale_factor, w * self.pipe.vae_scale_factor)
+        self._image_size = (h * pipe.vae_scale_factor, w * pipe.vae_scale_factor)
         self._grids = grid_sizes(h, w)
 
     def _processor(self, previous):

@@ -17,8 +17,12 @@ samplers divide their latents by sqrt(sigma^2 + 1) in `scale_model_input`, and a
 where the model output is the GUIDED one, u + s (c - u), as the pipeline uses it. A fractional t (Karras sigmas)
 interpolates log sigma between the two neighbouring training steps, the inverse of the schedulers' sigma -> t rule.
 
-The frames are recorded by a forward hook on the UNet (it reads the call's input and output, changes nothing), so
-the image is bit-identical with and without recording; only the chosen frames' latents are kept (4 x h x w each).
+The recorder is an observer of the pipeline (minidepth/observers.py): `step_done` hands it, at every UNet call, the
+scaled latents the UNet saw (`model_input`) and the guided output (`noise_pred`), the very tensors the scheduler steps
+with; it reads them and changes nothing, so the image is bit-identical with and without recording. Only the chosen
+frames' x0 are kept (4 x h x w each). The photo comes with `image_ready`, the final image with `decoded`, and the depth
+from a forward hook on the depth estimator (its raw output, before the resize to the latent grid) or, for a given
+depth map, from `depth_ready`.
 Decoders: "vae" decodes each x0 with the autoencoder (exact, one VAE decode per frame: costly on a CPU at 512x512);
 "linear" maps each latent pixel to RGB with a 4x3 matrix (`LATENT_RGB`, no network) and resizes 8x.
 """
@@ -35,7 +39,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from ._patch import observe_method
+from ..observers import Observer
 
 # Linear latent -> RGB preview: rgb = LATENT_RGB^T z + LATENT_RGB_BIAS, z = the UNet's (scaled) latents, rgb in [-1, 1].
 # A least-squares fit of (8x8-averaged image colours) on (latents) over encoded images, for the kl-f8 autoencoder of
@@ -103,9 +107,10 @@ def fit_latent_preview(latents: torch.Tensor, images: torch.Tensor) -> tuple[tor
 
 
 # ------------------------------------------------------------------------------------------------ the recorder
-class FilmstripRecorder:
-    """Context manager: x0 at the chosen UNet calls (`every` k-th and the last, or the indices `steps`, negative ones
-    counted from the end; neither: about 8 frames), plus the photo, the depth and the final image."""
+class FilmstripRecorder(Observer):
+    """Context manager and pipeline observer: x0 at the chosen UNet calls (`every` k-th and the last, or the indices
+    `steps`, negative ones counted from the end; neither: about 8 frames), plus the photo, the depth and the final
+    image. Entering it adds it to `pipe.observing(...)` and hooks the depth estimator; leaving removes both."""
 
     def __init__(self, pipe, every: int | None = None, steps: list[int] | None = None):
         if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
@@ -117,16 +122,12 @@ class FilmstripRecorder:
         self.photo = self.depth = self.final = None
         self._stack: contextlib.ExitStack | None = None
         self._chosen: set[int] = set()
-        self._call, self._calls, self._guidance = 0, 0, 1.0
+        self._calls = 0
 
     def __enter__(self) -> FilmstripRecorder:
         stack = contextlib.ExitStack()
         pipe = self.pipe
-        stack.enter_context(observe_method(pipe, "preprocess", after=self._on_preprocess))
-        stack.enter_context(observe_method(pipe, "prepare_depth_map", after=self._on_depth))
-        stack.enter_context(observe_method(pipe, "denoise", before=self._on_denoise))
-        stack.enter_context(observe_method(pipe, "decode", after=self._on_decode))
-        stack.callback(pipe.unet.register_forward_hook(self._on_unet, with_kwargs=True).remove)
+        stack.enter_context(pipe.observing(self))
         if pipe.depth_estimator is not None:
             stack.callback(pipe.depth_estimator.register_forward_hook(self._on_dpt).remove)
         self._stack = stack
@@ -146,50 +147,44 @@ class FilmstripRecorder:
         every = self.every or max(1, math.ceil(calls / 8))
         return sorted(set(range(0, calls, every)) | {calls - 1})
 
-    # -- observing
-    def _on_preprocess(self, a: dict, image: torch.Tensor) -> None:
+    # -- observing (the pipeline's events, minidepth/observers.py; and the depth estimator's forward hook)
+    def image_ready(self, pipe, *, image: torch.Tensor, **data) -> None:
         self.photo = image.detach().float().cpu() if image.shape[1] == 3 else None
 
     def _on_dpt(self, module, args, output) -> None:
         self.depth = output.detach().float().cpu()  # (B, 384, 384), larger = nearer
 
-    def _on_depth(self, a: dict, depth_mask: torch.Tensor) -> None:
-        if a["depth_map"] is not None or self.depth is None:
+    def depth_ready(self, pipe, *, depth_mask: torch.Tensor, depth_map_given: bool, **data) -> None:
+        if depth_map_given or self.depth is None:
             self.depth = depth_mask.detach().float().cpu()[:, 0]  # the UNet's depth channel (B, h, w)
 
-    def _on_denoise(self, a: dict) -> None:
-        self._calls, self._call, self._guidance = len(a["timesteps"]), 0, a["guidance_scale"]
+    def denoising_started(self, pipe, *, timesteps, **data) -> None:
+        self._calls = len(timesteps)
         self._chosen = set(self.chosen_calls(self._calls))
         self.frames, self.final = [], None
 
-    def _on_unet(self, module, args, kwargs, output) -> None:
-        i, self._call = self._call, self._call + 1
-        if i not in self._chosen:
+    def step_done(self, pipe, *, index: int, timestep, model_input: torch.Tensor, noise_pred: torch.Tensor,
+                  **data) -> None:
+        """x0 from the UNet's (scaled, depth-less) input and its guided output, u + s (c - u), at a chosen call."""
+        if index not in self._chosen:
             return
-        sample = args[0] if args else kwargs["sample"]
-        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        t = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+        scheduler = pipe.scheduler
         with torch.no_grad():
-            if self._guidance > 1:  # as the pipeline: u + s (c - u), in the model's dtype
-                uncond, cond = output.chunk(2)
-                output = uncond + self._guidance * (cond - uncond)
-                sample = sample[:sample.shape[0] // 2]
-            t = float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
-            scheduler = self.pipe.scheduler
-            x0 = predict_x0(sample[:, :output.shape[1]], output, alpha_bar(scheduler, t),
+            x0 = predict_x0(model_input, noise_pred, alpha_bar(scheduler, t),
                             scheduler.config.get("prediction_type", "epsilon"))
-        self.frames.append(Frame(i, self._calls, t, x0.float().cpu()))
+        self.frames.append(Frame(index, self._calls, t, x0.float().cpu()))
 
-    def _on_decode(self, a: dict, images) -> None:
+    def decoded(self, pipe, *, images, output_type: str, latents: torch.Tensor, **data) -> None:
         from ..image_processing import postprocess
-        kind = a["output_type"]
-        if kind == "pil":
+        if output_type == "pil":
             self.final = list(images)
-        elif kind == "np":
+        elif output_type == "np":
             self.final = [PIL.Image.fromarray((x * 255).round().astype(np.uint8)) for x in images]
-        elif kind == "pt":
+        elif output_type == "pt":
             self.final = postprocess(images * 2 - 1, "pil")
         else:  # latents: decoded when the strip is drawn
-            self.final = a["latents"].detach().float().cpu()
+            self.final = latents.detach().float().cpu()
 
     # -- pictures
     @torch.no_grad()
@@ -208,7 +203,7 @@ class FilmstripRecorder:
     def _vae_decode(self, latents: torch.Tensor) -> PIL.Image.Image:
         from ..image_processing import postprocess
         pipe = self.pipe
-        with pipe._running(pipe.vae):
+        with pipe._running(pipe.vae, "decode"):  # observers see a "decode" stage (no `decoded` event)
             vae = pipe.vae
             weight = next(vae.parameters())
             z = latents.to(device=weight.device, dtype=weight.dtype) / vae.config.scaling_factor
