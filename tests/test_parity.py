@@ -13,6 +13,7 @@ from PIL import Image
 import factory
 from minidepth.cli import main
 from minidepth.parity import compare
+from minidepth.pipeline import StableDiffusionDepth2ImgPipeline
 from test_pipeline import photo
 
 CHANGED = "up_blocks.0.resnets.0.conv1"  # the UNet module whose weights the "changed" checkpoint alters
@@ -87,6 +88,44 @@ def test_changed_unet_weights_are_found(changed_checkpoint, tiny_checkpoint, pho
     assert not stages["image"]["ok"]
     heat = Image.open(tmp_path / "diff.png")
     assert heat.size == (64, 48) and heat.mode == "RGB" and heat.getextrema()[0][1] > 0
+
+
+class WrongGuidance(StableDiffusionDepth2ImgPipeline):
+    """Our pipeline with a deliberate mistake in a step method, between the first UNet call and the first scheduler
+    step: the denoising loop guides with a scale one too high."""
+
+    def denoise(self, *args, guidance_scale=7.5, **kwargs):
+        return super().denoise(*args, guidance_scale=guidance_scale + 1, **kwargs)
+
+
+class CallWithWrongGuidance(StableDiffusionDepth2ImgPipeline):
+    """The same mistake in `__call__` itself: every step method is right, `__call__` hands them a guidance scale one
+    too high. A tool replaying the step methods would not see it; one running `__call__` does."""
+
+    def __call__(self, *args, guidance_scale=7.5, **kwargs):
+        return super().__call__(*args, guidance_scale=guidance_scale + 1, **kwargs)
+
+
+def test_a_mistake_in_our_call_is_found_at_the_first_step(tiny_checkpoint, photo_file):
+    """compare runs our real `__call__`: with a wrong guidance (in `denoise`, or in `__call__` itself) the first
+    stage beyond tolerance is step 1's latents, and every earlier stage, step 1's UNet output included, is
+    bit-identical; the same components in our own class pass."""
+    from minidepth.parity import load_pipelines
+    ours, ref = load_pipelines(tiny_checkpoint, None, "fp32", "cpu")
+    settings = {"image": photo_file, "prompt": "a red house", "steps": 3}
+    assert compare(ours, ref, **settings).ok
+
+    for wrong in (WrongGuidance, CallWithWrongGuidance):
+        report = compare(wrong(**ours.components), ref, **settings)
+        assert not report.ok, wrong.__name__
+        names = [s.name for s in report.stages]
+        first = report.first_failure
+        assert first.name.startswith("step 1/") and first.name.endswith(" latents"), report.table()
+        earlier = report.stages[:names.index(first.name)]
+        assert earlier[-1].name.startswith("step 1/") and earlier[-1].name.endswith(" unet")
+        assert all(s.max_abs_diff == 0.0 and s.ok for s in earlier), report.table()
+        assert first.network is None and report.drill is None  # the guidance runs between the networks
+        assert "computed outside the networks" in report.summary()
 
 
 def test_without_diffusers_one_line_and_exit_2(tiny_checkpoint, photo_file):

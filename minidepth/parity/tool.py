@@ -4,39 +4,40 @@
     print(report.table())          # stage, shape, max abs, max rel, tolerance, ok
     report.ok, report.first_failure, report.drill
 
-Both pipelines run step by step, each on its own previous outputs (so differences accumulate as in a real run), with
-generators seeded alike, in the order of diffusers' `__call__`: minidepth through its step methods (`encode_prompt`,
-`prepare_depth_map`, `preprocess`, `get_timesteps`, `prepare_latents`, `denoise`, `decode`), diffusers through its
-pipeline's methods and its UNet and scheduler, the loop written out as in its `__call__`. Forward hooks and a wrapped
-`scheduler.add_noise` record the stages in between: token ids, text embeddings, the DPT's input and depth estimate, the
-depth channel, the image tensor, the posterior sample, the img2img noise, the noised latents, each denoising step's UNet
-output and latents, and the decoded image (in [0, 1]).
+Both pipelines run their real `__call__` once, on the same photo and arguments (`output_type="pt"`), each with a
+`torch.Generator` seeded alike (so the posterior sample, the img2img noise and a stochastic scheduler's draws line
+up), and minidepth in exact mode (`pipe.set_exact(True)`, diffusers' kernels) unless `fast=True`. Nothing is
+replayed: each side runs on its own previous outputs, so differences accumulate as in a real run, and a mistake in
+our `__call__` or a change in diffusers' loop shows. trace.py records the stages: token ids, text embeddings, the
+DPT's input and depth estimate, the depth channel, the image tensor, the posterior sample, the img2img noise, the
+noised latents, each denoising step's UNet output and latents, and the decoded image (in [0, 1]) -- minidepth
+through its observer API and forward hooks, diffusers through `callback_on_step_end`, forward hooks and recording
+subclasses of its scheduler and image processor classes (its `add_noise` / `preprocess` are not replaced).
 
 A stage is within tolerance when max |ours - ref| <= tolerance * max |ref| (`max_rel_diff`). Default tolerances
 (`default_tolerance`): 0 (exact) on the CPU in every dtype, where both libraries call the same kernels in the same
 order; on GPUs 1e-4 in fp32 and 1e-2 in fp16/bf16. At the first stage beyond tolerance, `drill.py` reruns that
-network on both sides with hooks and names the first module whose output differs.
+network on both sides (on the inputs our run gave it) with hooks and names the first module whose output differs;
+a stage computed outside the networks (the guidance, a scheduler step) has no drill-down.
 
 diffusers and transformers are needed only here (`pip install "minidepth[parity]"`); the command is in cli/parity.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .drill import DrillResult, differences, first_difference, module_pairs
+from .trace import DTYPES, Trace, trace_diffusers, trace_minidepth
 
 INSTALL = 'pip install "minidepth[parity]"'
 REFERENCE_VERSIONS = {"diffusers": "0.42.1", "transformers": "5.24.0"}
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class ReferenceMissing(ImportError):
@@ -161,165 +162,6 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-# ------------------------------------------------------------------------------------------------ recording
-@contextlib.contextmanager
-def _calls(module: torch.nn.Module):
-    """Record each call of `module` inside the block as (args, kwargs, output), through a forward hook."""
-    calls = []
-    handle = module.register_forward_hook(lambda m, args, kwargs, out: calls.append((args, kwargs, out)),
-                                          with_kwargs=True)
-    try:
-        yield calls
-    finally:
-        handle.remove()
-
-
-@contextlib.contextmanager
-def _noise_calls(scheduler):
-    """Record (x0, noise, noised) of `scheduler.add_noise` inside the block (an instance attribute shadows it)."""
-    calls, method = [], scheduler.add_noise
-
-    def add_noise(original, noise, timesteps):
-        calls.append((original, noise, method(original, noise, timesteps)))
-        return calls[-1][2]
-    scheduler.add_noise = add_noise
-    try:
-        yield calls
-    finally:
-        del scheduler.add_noise
-
-
-def _ids(call) -> torch.Tensor:
-    args, kwargs, _ = call
-    return args[0] if args else kwargs["input_ids"]
-
-
-@dataclass
-class _Trace:
-    """One side's run: stage name -> tensor, in order; the network of each stage and how to rerun it for a drill."""
-    stages: dict = field(default_factory=dict)
-    networks: dict = field(default_factory=dict)   # stage name -> network name
-    reruns: dict = field(default_factory=dict)     # stage name -> function(net) that reruns it on these inputs
-
-    def add(self, name, tensor, network=None, rerun=None):
-        self.stages[name] = tensor
-        if network:
-            self.networks[name], self.reruns[name] = network, rerun
-
-
-def _record_text(trace: _Trace, calls: list, embeds: torch.Tensor) -> None:
-    names = ["tokens (prompt)", "tokens (negative prompt)"]
-    for name, call in zip(names, calls):
-        trace.add(name, _ids(call))
-    ids = torch.cat([_ids(call) for call in calls])
-    trace.add("text embeddings", embeds, "text_encoder", lambda net: net(ids))
-
-
-def _record_steps(trace: _Trace, timesteps, unet_calls: list, step_latents: list) -> None:
-    n = len(timesteps)
-    for i, (t, call, latents) in enumerate(zip(timesteps, unet_calls, step_latents)):
-        (x, t_in), c = call[0][:2], call[1]["encoder_hidden_states"]
-        out = call[2][0] if isinstance(call[2], tuple) else getattr(call[2], "sample", call[2])
-        tag = f"step {i + 1}/{n} (t={int(t)})"
-        trace.add(f"{tag} unet", out, "unet", lambda net, x=x, t=t_in, c=c: net(x, t, encoder_hidden_states=c))
-        trace.add(f"{tag} latents", latents)
-
-
-@torch.no_grad()
-def trace_minidepth(pipe, photo, s: dict, generator) -> _Trace:
-    """minidepth through its step methods, as its `__call__` runs them."""
-    trace, do_cfg = _Trace(), s["guidance_scale"] > 1
-    with _calls(pipe.text_encoder) as calls:
-        embeds, negative = pipe.encode_prompt(s["prompt"], 1, do_cfg, s["negative_prompt"])
-    if do_cfg:
-        embeds = torch.cat([negative, embeds])
-    _record_text(trace, calls, embeds)
-    with _calls(pipe.depth_estimator) as calls:
-        depth_mask = pipe.prepare_depth_map(photo, None, 1, do_cfg, embeds.dtype)
-    _record_depth(trace, calls, depth_mask, s)
-    image = pipe.preprocess(photo)
-    trace.add("image tensor", image)
-    timesteps, num_steps = pipe.get_timesteps(s["steps"], s["strength"])
-    with _noise_calls(pipe.scheduler) as noised:
-        latents = pipe.prepare_latents(image, timesteps[:1].repeat(1), 1, 1, embeds.dtype, generator)
-    _record_latents(trace, noised, image.to(pipe.device, embeds.dtype))
-    step_latents = []
-
-    def keep(pipe_, i, t, tensors):
-        step_latents.append(tensors["latents"])
-    with _calls(pipe.unet) as calls:
-        latents = pipe.denoise(latents, timesteps, embeds, depth_mask, guidance_scale=s["guidance_scale"],
-                               negative_prompt_embeds=negative, num_inference_steps=num_steps,
-                               extra_step_kwargs=pipe._step_kwargs(generator, s["eta"]), callback_on_step_end=keep)
-    _record_steps(trace, timesteps, calls, step_latents)
-    _record_image(trace, pipe.decode(latents, output_type="pt"), latents, pipe.vae.config.scaling_factor)
-    return trace
-
-
-@torch.no_grad()
-def trace_diffusers(pipe, photo, s: dict, generator) -> _Trace:
-    """diffusers' StableDiffusionDepth2ImgPipeline: its methods, UNet and scheduler in the order of its `__call__`."""
-    trace, do_cfg, device = _Trace(), s["guidance_scale"] > 1, torch.device(s["device"])
-    with _calls(pipe.text_encoder) as calls:
-        embeds, negative = pipe.encode_prompt(s["prompt"], device, 1, do_cfg, s["negative_prompt"])
-    if do_cfg:
-        embeds = torch.cat([negative, embeds])
-    _record_text(trace, calls, embeds)
-    with _calls(pipe.depth_estimator) as calls, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "In CPU autocast")  # its autocast(cpu, float32) is a no-op, with a warning
-        depth_mask = pipe.prepare_depth_map(photo, None, 1, do_cfg, embeds.dtype, device)
-    _record_depth(trace, calls, depth_mask, s)
-    image = pipe.image_processor.preprocess(photo)
-    trace.add("image tensor", image)
-    pipe.scheduler.set_timesteps(s["steps"], device=device)
-    timesteps, _ = pipe.get_timesteps(s["steps"], s["strength"], device)
-    with _noise_calls(pipe.scheduler) as noised:
-        latents = pipe.prepare_latents(image, timesteps[:1].repeat(1), 1, 1, embeds.dtype, device, generator)
-    _record_latents(trace, noised, image.to(device, embeds.dtype))
-    extra_step_kwargs = pipe.prepare_extra_step_kwargs(generator, s["eta"])
-    step_latents = []
-    with _calls(pipe.unet) as calls:
-        for t in timesteps:  # the loop of diffusers' __call__ (no callbacks)
-            x = torch.cat([latents] * 2) if do_cfg else latents
-            x = pipe.scheduler.scale_model_input(x, t)
-            x = torch.cat([x, depth_mask], dim=1)
-            noise_pred = pipe.unet(x, t, encoder_hidden_states=embeds, return_dict=False)[0]
-            if do_cfg:
-                uncond, cond = noise_pred.chunk(2)
-                noise_pred = uncond + s["guidance_scale"] * (cond - uncond)
-            latents = pipe.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
-            step_latents.append(latents)
-    _record_steps(trace, timesteps, calls, step_latents)
-    decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
-    _record_image(trace, pipe.image_processor.postprocess(decoded, output_type="pt"), latents,
-                  pipe.vae.config.scaling_factor)
-    return trace
-
-
-def _record_depth(trace: _Trace, calls: list, depth_mask: torch.Tensor, s: dict) -> None:
-    from ..depth import _autocast
-    (args, kwargs, out), = calls
-    pixels = args[0] if args else kwargs["pixel_values"]
-    trace.add("depth input (pixel values)", pixels)
-
-    def rerun(net):  # under the pipelines' autocast for half precision
-        with _autocast(torch.device(s["device"]), DTYPES[s["dtype"]]):
-            net(pixels)
-    trace.add("depth estimate (DPT)", getattr(out, "predicted_depth", out), "depth_estimator", rerun)
-    trace.add("depth channel", depth_mask)
-
-
-def _record_latents(trace: _Trace, noised: list, image: torch.Tensor) -> None:
-    (x0, noise, out), = noised
-    trace.add("posterior sample (scaled)", x0, "vae", lambda net: net.encode(image))
-    trace.add("img2img noise", noise)
-    trace.add("noised latents", out)
-
-
-def _record_image(trace: _Trace, image: torch.Tensor, latents: torch.Tensor, scaling_factor: float) -> None:
-    trace.add("image", image, "vae", lambda net: net.decode(latents / scaling_factor))
-
-
 # ------------------------------------------------------------------------------------------------ compare
 def _keymap(network: str, ours: torch.nn.Module, ref: torch.nn.Module):
     """Our key map for the reference's naming of this network (e.g. transformers 5's CLIP names)."""
@@ -360,7 +202,7 @@ def _set_scheduler(ours, ref, name: str | None) -> None:
     ours.scheduler = getattr(schedulers, cls).from_config(config)
 
 
-def _compare_traces(ours: _Trace, ref: _Trace, tolerance: float) -> list[Stage]:
+def _compare_traces(ours: Trace, ref: Trace, tolerance: float) -> list[Stage]:
     """One Stage per recorded name, in our order (a stage missing on one side, or of another shape, fails)."""
     stages = []
     for name in [*ours.stages, *(n for n in ref.stages if n not in ours.stages)]:
@@ -394,7 +236,8 @@ def compare(model, reference_model=None, *, image, prompt: str, negative_prompt:
     photo = to_rgb(PIL.Image.open(image) if isinstance(image, (str, os.PathLike)) else image)
     ours, ref = load_pipelines(model, reference_model, dtype, device)
     saved = ours.scheduler, ref.scheduler  # given pipelines keep their own schedulers (and kernel mode)
-    saved_exact, ours.exact = ours.exact, not fast
+    saved_exact = ours.exact
+    ours.set_exact(not fast)  # exact: diffusers' kernels, so that every stage can be bit-identical
     _set_scheduler(ours, ref, scheduler)
     name = lambda x: str(x) if isinstance(x, (str, os.PathLike)) else type(x).__name__
     s = {"model": name(model), "reference_model": name(model if reference_model is None else reference_model),
@@ -407,7 +250,7 @@ def compare(model, reference_model=None, *, image, prompt: str, negative_prompt:
                   for trace, pipe in ((trace_minidepth, ours), (trace_diffusers, ref))]
     finally:
         ours.scheduler, ref.scheduler = saved
-        ours.exact = saved_exact
+        ours.set_exact(saved_exact)
     stages = _compare_traces(*traces, tolerance)
     report = ParityReport(stages, s, versions, images=(traces[0].stages["image"], traces[1].stages["image"]))
     first = report.first_failure
