@@ -91,18 +91,6 @@ def check_attention_slicing(value: str | None) -> str | int | None:
     raise CLIError(f"--attention-slicing {value}: must be auto, max or a positive number of heads", code=2)
 
 
-def target_size(size: tuple[int, int], width: int | None, height: int | None) -> tuple[int, int]:
-    """--width/--height -> the size the photo is resized to; one alone keeps the aspect ratio (rounded to 8)."""
-    w, h = size
-    if width is None and height is None:
-        return size
-    if width is None:
-        width = max(8, round(w * height / h / 8) * 8)
-    if height is None:
-        height = max(8, round(h * width / w / 8) * 8)
-    return width, height
-
-
 # ------------------------------------------------------------------------------------------------ the parser
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
     """Show "(default: X)" only where there is a default worth showing and the help does not already say it."""

@@ -20,7 +20,8 @@ command line are the defaults of every job. How it behaves:
   - `--batch-size N` runs up to N jobs that share size and settings as one UNet batch, each with its own generator;
   - under torchrun (WORLD_SIZE > 1) rank r takes jobs r, r + W, r + 2W, ... on its LOCAL_RANK GPU (gloo on the CPU),
     writes `manifest.rank<r>.jsonl`, and rank 0 merges the parts into `manifest.jsonl` when every rank is done.
-Reading and checking the jobs, their outputs and the manifest: `batch_jobs.py`.
+Reading and checking the jobs, their outputs and the manifest: `batch_jobs.py`. Each group of jobs is one call of
+the library's `generation.generate`, the path `minidepth generate` and `minidepth serve` take too.
 """
 
 from __future__ import annotations
@@ -39,64 +40,15 @@ def distributed() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
-def group_key(job: dict) -> tuple:
-    """Jobs with the same key can share one UNet batch (one image each, no own depth map: see `groups`)."""
-    return (job["_size"], job["steps"], job["strength"], job["guidance_scale"], job.get("scheduler"),
-            job.get("negative_prompt") or "")
-
-
-def groups(jobs: list[dict], batch_size: int) -> list[list[dict]]:
-    """Jobs with equal keys, in order of first appearance, cut into groups of at most `batch_size`. A job with several
-    images or its own depth map runs alone (the reference pipeline tiles one image list over num_images_per_prompt,
-    which would pair prompts with the wrong photos in a mixed batch)."""
-    out: list[list[dict]] = []
-    open_group: dict[tuple, list[dict]] = {}
-    for job in jobs:
-        if job["num_images"] > 1 or job.get("depth_map") or batch_size == 1:
-            out.append([job])
-            continue
-        group = open_group.get(group_key(job))
-        if group is None or len(group) == batch_size:
-            group = open_group[group_key(job)] = []
-            out.append(group)
-        group.append(job)
-    return out
-
-
-def _scheduler(base_config: dict, name: str | None):
-    """A fresh scheduler for a group: the checkpoint's own (name None) or a --scheduler choice, as `generate` does."""
-    from .. import schedulers
-    if name is None:
-        return schedulers.scheduler_from_config(base_config)
-    cls, overrides = SCHEDULERS[name]
-    return getattr(schedulers, cls).from_config({**base_config, **overrides})
-
-
-def run_group(pipe, group: list[dict], base_config: dict, device: str, eta: float, clip_skip) -> list:
-    """One pipeline call for a group of jobs; returns the images of each job (a list per job)."""
-    import torch
-    from PIL import Image
-    from ..image_processing import to_rgb
-    from .files import read_depth_map
-    job = group[0]
-    pipe.scheduler = _scheduler(base_config, job.get("scheduler"))
-    photos = []
-    for j in group:
-        with Image.open(j["image"]) as img:
-            img.load()
-            photos.append(to_rgb(img))
-    n = job["num_images"]
-    generators = [torch.Generator(device).manual_seed(j["seed"] + i) for j in group for i in range(n)]
-    depth = torch.from_numpy(read_depth_map(job["depth_map"]))[None] if job.get("depth_map") else None
-    one = len(group) == 1
-    result = pipe(prompt=job["prompt"] if one else [j["prompt"] for j in group],
-                  image=photos[0] if one else photos, depth_map=depth, strength=job["strength"],
-                  num_inference_steps=job["steps"], guidance_scale=job["guidance_scale"],
-                  negative_prompt=job.get("negative_prompt") if one else
-                  ([job["negative_prompt"]] * len(group) if job.get("negative_prompt") is not None else None),
-                  num_images_per_prompt=n, eta=eta, clip_skip=clip_skip,
-                  generator=generators[0] if len(generators) == 1 else generators)
-    return [result.images[k * n:(k + 1) * n] for k in range(len(group))]
+def to_job(job: dict, args):
+    """A checked job of the file (batch_jobs.check_job) -> the library's generation.Job. The photo and the depth map
+    stay on disk until the job runs (a batch can hold thousands of jobs)."""
+    from ..generation import Job
+    return Job(prompt=job["prompt"], photo_path=job["image"], model=args.model,
+               negative_prompt=job.get("negative_prompt"), strength=job["strength"], steps=job["steps"],
+               guidance=job["guidance_scale"], seed=job["seed"], scheduler=job.get("scheduler"), eta=args.eta,
+               clip_skip=args.clip_skip, depth_map_path=job.get("depth_map") or None, num_images=job["num_images"],
+               variant=args.variant, revision=args.revision, dtype=args.dtype)
 
 
 # ------------------------------------------------------------------------------------------------ the command
@@ -184,51 +136,40 @@ def run(args, console) -> int:
 
 
 def _render(args, console, todo: list[dict], out: Path, part: Path, rank: int, world: int, local_rank: int) -> int:
-    """Load the model once and run this process's jobs; returns the number of images written."""
+    """Load the model once and run this process's jobs (jobs that can share a UNet batch together, up to
+    --batch-size: generation.groups); returns the number of images written."""
     from tqdm.auto import tqdm
+    from ..generation import generate, groups
     from .command import load_pipeline, pick_device, resolve_model
-    from .args import A1111_NAMES
-    from .files import save_atomic
-    from .png_metadata import generation_record, png_info
+    from .files import once, save_atomic
+    from .png_metadata import png_info
     device = pick_device(args.device)
     if world > 1 and device == "cuda":
         device = f"cuda:{local_rank}"
     pipe = load_pipeline(resolve_model(args.model, variant=args.variant, revision=args.revision), args.variant,
                          args.dtype, device, console, exact=args.exact, compile=args.compile)
     pipe.set_progress_bar_config(disable=True)
-    base_config = dict(pipe.scheduler.config)
-    default_name = next((k for k, (cls, overrides) in SCHEDULERS.items()
-                         if cls == type(pipe.scheduler).__name__ and not overrides), None)
-    made = 0
+    jobs, warn, made = [to_job(job, args) for job in todo], once(console.warn), 0
     with tqdm(total=len(todo), desc=f"jobs (rank {rank})" if world > 1 else "jobs", unit="job",
               disable=args.quiet or rank != 0) as bar:
-        for group in groups(todo, args.batch_size):
+        for group in groups(jobs, args.batch_size):
             start = time.perf_counter()
             try:
-                images = run_group(pipe, group, base_config, device.split(":")[0] if world == 1 else device,
-                                   args.eta, args.clip_skip)
+                results = generate(pipe, [jobs[i] for i in group], device=device, warn=warn)
             except (ValueError, TypeError, RuntimeError) as e:
-                for job in group:
-                    append_line(part, {"index": job["index"], "args": public(job), "status": "error",
+                for i in group:
+                    append_line(part, {"index": todo[i]["index"], "args": public(todo[i]), "status": "error",
                                        "error": f"{type(e).__name__}: {e}", "outputs": [], "seconds": 0.0})
                 bar.update(len(group))
                 continue
             seconds = (time.perf_counter() - start) / len(group)
-            for job, job_images in zip(group, images):
-                s = {"prompt": job["prompt"], "negative_prompt": job.get("negative_prompt"), "steps": job["steps"],
-                     "strength": job["strength"], "guidance": job["guidance_scale"], "scheduler": job.get("scheduler"),
-                     "eta": args.eta, "clip_skip": args.clip_skip, "width": None, "height": None,
-                     "depth_map": job.get("depth_map"), "variant": args.variant, "revision": args.revision,
-                     "dtype": args.dtype}
-                record = generation_record(s, sampler=A1111_NAMES.get(job.get("scheduler") or default_name, "?"),
-                                    size=job_images[0].size, image_path=job["image"], model=args.model,
-                                    device=device.split(":")[0])
-                paths = job_outputs(job, out)
-                for i, (image, path) in enumerate(zip(job_images, paths)):
-                    save_atomic(image, path, overwrite=True, pnginfo=png_info({**record, "seed": job["seed"] + i}))
+            for i, result in zip(group, results):
+                paths = job_outputs(todo[i], out)
+                for image, path, record in zip(result.images, paths, result.records):
+                    save_atomic(image, path, overwrite=True, pnginfo=png_info(record))
                     print(path, flush=True)
                 made += len(paths)
-                append_line(part, {"index": job["index"], "args": public(job), "status": "ok",
+                append_line(part, {"index": todo[i]["index"], "args": public(todo[i]), "status": "ok",
                                    "outputs": [str(p) for p in paths], "seconds": round(seconds, 3)})
             bar.update(len(group))
     return made

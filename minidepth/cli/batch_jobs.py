@@ -114,7 +114,7 @@ def _check_values(job: dict) -> None:
 
 
 def _check_files(job: dict) -> None:
-    """The photo (and depth map) exist and decode; records the photo's size for grouping."""
+    """The photo (and depth map) exist and decode."""
     from PIL import Image
     from .files import read_depth_map
     if not os.path.isfile(job["image"]):
@@ -127,7 +127,6 @@ def _check_files(job: dict) -> None:
         raise ValueError(f"image {job['image']} is not a readable image ({e})") from e
     if min(size) < 8:
         raise ValueError(f"image {job['image']} is {size[0]}x{size[1]} pixels; images must be at least 8x8")
-    job["_size"] = (size[0] - size[0] % 8, size[1] - size[1] % 8)
     if job.get("depth_map"):
         try:
             read_depth_map(job["depth_map"])

@@ -15,13 +15,15 @@ Rules every subcommand follows:
   - an existing output file is never replaced unless `--overwrite` is given; outputs are written atomically (a hidden
     temporary file in the same folder, renamed over the target).
 torch and the models are imported only once a subcommand needs them, so `minidepth --help` / `--version` are quick.
-Options and checks: `cli_args.py`; files, warnings and the grid: `cli_files.py`; PNG settings: `png_metadata.py`.
+Options and checks: `args.py`; files, warnings and the grid: `files.py`; PNG settings: `png_metadata.py`. The
+generation itself (settings -> images + their record) is the library's `minidepth/generation.py`, which `batch` and
+`serve` call too: here are only the options, the checks and the files.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
-import inspect
 import json
 import os
 import re
@@ -29,11 +31,11 @@ import sys
 import time
 from pathlib import Path
 
-from .args import (A1111_NAMES, DEFAULT_MODEL, DTYPES, GENERATE_DEFAULTS, LDM_DEFAULTS, OPTION_OF,  # noqa: F401
-                       SCHEDULER_TABLE, SCHEDULERS, SUBCOMMAND_MODULES, CLIError, build_parser,
-                       check_attention_slicing, check_generate, schedulers_table, target_size)
-from .files import (Console, check_outputs, compose_grid, open_image, planned_outputs,
-                        read_depth_map, save_atomic)
+from .args import (DEFAULT_MODEL, DTYPES, GENERATE_DEFAULTS, LDM_DEFAULTS, OPTION_OF,  # noqa: F401
+                   SCHEDULER_TABLE, SCHEDULERS, SUBCOMMAND_MODULES, CLIError, build_parser,
+                   check_attention_slicing, check_generate, schedulers_table)
+from .files import (Console, check_outputs, compose_grid, once, open_image, planned_outputs, read_depth_map,
+                    save_atomic)
 from .model import checkpoint_limits, detect_variant, hub_error, resolve_model
 from . import inside as inside_cli
 
@@ -80,31 +82,9 @@ def _sha256(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _plan(args, s: dict, photos: list) -> list[dict]:
-    """One job per photo: its final size and the files it writes."""
-    jobs = []
-    folder = Path(args.out) if args.out else Path(".")
-    if len(photos) > 1 and args.out and Path(args.out).suffix:
-        raise CLIError(f"--out {args.out}: with {len(photos)} --image files, --out is a folder (each output is "
-                       "named after its photo)", code=2)
-    for path, photo in zip(s["image"], photos):
-        size = target_size(photo.size, s["width"], s["height"])
-        floored = size if s["mode"] == "ldm" else tuple(v - v % 8 for v in size)  # ldm pads instead
-        if min(floored) < 8:
-            raise CLIError(f"--image {path} is {photo.width}x{photo.height} pixels; images must be at least 8x8 "
-                           "(or pass --width/--height to resize it)")
-        warning = None if floored == size else (
-            f"--image {path} is {size[0]}x{size[1]} pixels; sides must be multiples of 8, so it is resized to "
-            f"{floored[0]}x{floored[1]} (--width/--height choose the size)")
-        out = Path(args.out) if args.out and len(photos) == 1 else folder / f"{Path(path).stem}-depth2img.png"
-        jobs.append({"path": path, "photo": photo, "size": floored, "resize": size != photo.size,
-                     "warning": warning,
-                     "outputs": planned_outputs(out, args.num_images, args.save_depth, args.grid)})
-    return jobs
-
-
-def cmd_generate(args, console: Console) -> int:
-    start = time.perf_counter()
+def _settings(args) -> tuple[dict, dict, dict]:
+    """(settings, restored, given): the options given, else those restored by `--from`, else the defaults (the
+    original script's for --mode ldm); checked as far as that needs no file and no model."""
     restored = settings_from_png(args.from_png) if args.from_png else {}
     given = {k: v for k, v in vars(args).items() if k in GENERATE_DEFAULTS}
     s = {**GENERATE_DEFAULTS, **{k: v for k, v in restored.items() if k in GENERATE_DEFAULTS}, **given}
@@ -122,6 +102,37 @@ def cmd_generate(args, console: Console) -> int:
     if s["prompt"] is None:
         raise CLIError("--prompt is required (or --from IMAGE.png); pass --prompt \"\" for none", code=2)
     check_generate(s, args.num_images)
+    return s, restored, given
+
+
+def _plan(args, s: dict, photos: list, depth_array, console: Console) -> list:
+    """One generation.Job per photo, checked (`generation.check`: its size and the depth map's aspect ratio, with
+    their warnings), and the files it writes: [(job, outputs)]."""
+    from ..generation import Job, check
+    if len(photos) > 1 and args.out and Path(args.out).suffix:
+        raise CLIError(f"--out {args.out}: with {len(photos)} --image files, --out is a folder (each output is "
+                       "named after its photo)", code=2)
+    folder = Path(args.out) if args.out else Path(".")
+    planned = []
+    for path, photo in zip(s["image"], photos):
+        job = Job(prompt=s["prompt"], photo=photo, photo_path=path, model=s["model"],
+                  negative_prompt=s["negative_prompt"], width=s["width"], height=s["height"],
+                  strength=s["strength"], steps=s["steps"], guidance=s["guidance"], seed=s["seed"],
+                  scheduler=s["scheduler"], eta=s["eta"], clip_skip=s["clip_skip"], depth_map=depth_array,
+                  depth_map_path=s["depth_map"], num_images=args.num_images, mode=s["mode"],
+                  crop_padding=args.crop_padding, variant=s["variant"], revision=s["revision"], dtype=s["dtype"])
+        try:
+            check(job, console.warn)
+        except ValueError as e:
+            raise CLIError(str(e)) from e
+        out = Path(args.out) if args.out and len(photos) == 1 else folder / f"{Path(path).stem}-depth2img.png"
+        planned.append((job, planned_outputs(out, args.num_images, args.save_depth, args.grid)))
+    return planned
+
+
+def cmd_generate(args, console: Console) -> int:
+    start = time.perf_counter()
+    s, restored, given = _settings(args)
     slicing = check_attention_slicing(args.attention_slicing)
     if args.cpu_offload and args.device == "cpu":
         raise CLIError("--cpu-offload with --device cpu: offloading moves models to an accelerator while they run; "
@@ -136,22 +147,12 @@ def cmd_generate(args, console: Console) -> int:
     photos = [open_image(p, console) for p in s["image"]]
     if restored.get("_sha256") and "image" not in given and _sha256(s["image"][0]) != restored["_sha256"]:
         console.warn(f"--from {args.from_png}: the photo {s['image'][0]} has changed since; the result will differ")
-    jobs = _plan(args, s, photos)
-    if any(getattr(args, k, None) not in (None, False) for k in ("filmstrip", "filmstrip_every", "attention_maps")):
-        for job in jobs:  # only when asked: inside_cli imports torch for them, and checks must come before torch
-            inside_cli.plan_outputs(args, job["outputs"])  # -filmstrip.png, -attn-WORD.png
-    for job in jobs:
-        if job["warning"]:
-            console.warn(job["warning"])
     depth_array = read_depth_map(s["depth_map"]) if s["depth_map"] else None
-    if depth_array is not None:
-        dh, dw = depth_array.shape
-        for job in jobs:
-            w, h = job["size"]
-            if abs((dw / dh) / (w / h) - 1) > 0.01:
-                console.warn(f"--depth-map {s['depth_map']} is {dw}x{dh} but the image is {w}x{h}: the depth map is "
-                             f"stretched from aspect ratio {dw / dh:.2f} to {w / h:.2f}")
-    check_outputs([p for job in jobs for paths in job["outputs"].values() for p in paths], args.overwrite)
+    planned = _plan(args, s, photos, depth_array, console)
+    if any(getattr(args, k, None) not in (None, False) for k in ("filmstrip", "filmstrip_every", "attention_maps")):
+        for _, outputs in planned:  # only when asked: inside_cli imports torch for them, and checks come first
+            inside_cli.plan_outputs(args, outputs)  # -filmstrip.png, -attn-WORD.png
+    check_outputs([p for _, outputs in planned for paths in outputs.values() for p in paths], args.overwrite)
     root = resolve_model(s["model"], variant=s["variant"], revision=s["revision"])
     max_steps, layers = checkpoint_limits(root)
     check_generate(s, args.num_images, max_steps)
@@ -160,110 +161,65 @@ def cmd_generate(args, console: Console) -> int:
         raise CLIError(f"--clip-skip {s['clip_skip']}: must be in [0, {layers - 1}] (the text encoder has {layers} "
                        "layers)", code=2)
 
-    import torch
-    from ..image_processing import to_rgb
+    from ..generation import StageTimes, generate, resolve_seed
     device = pick_device(args.device)
     if args.device is None:
         warn_half_on_cpu(console, s["dtype"], device)
     if args.cpu_offload and device == "cpu":
         raise CLIError("--cpu-offload: no cuda or mps device here; offloading needs an accelerator", code=2)
-    times = {"load": 0.0, "depth": 0.0, "denoise": 0.0, "decode": 0.0}
     t = time.perf_counter()
     pipe = load_pipeline(root, s["variant"], s["dtype"], "cpu" if args.cpu_offload else device, console,
                          exact=args.exact, compile=args.compile)
     if args.cpu_offload:
         pipe.enable_model_cpu_offload(device)
-    times["load"] = time.perf_counter() - t
-    if s["scheduler"]:
-        from .. import schedulers
-        name, overrides = SCHEDULERS[s["scheduler"]]
-        pipe.scheduler = getattr(schedulers, name).from_config({**dict(pipe.scheduler.config), **overrides})
-    key = s["scheduler"] or next((k for k, (cls, overrides) in SCHEDULERS.items()
-                                  if cls == type(pipe.scheduler).__name__ and not overrides), None)
-    sampler = A1111_NAMES.get(key, type(pipe.scheduler).__name__)
-    if s["mode"] == "ldm":
-        if s["scheduler"]:
-            console.warn(f"--scheduler {s['scheduler']} is ignored with --mode ldm (LDM's own DDIM sampler)")
-        sampler = "DDIM"
-    if s["eta"] and s["mode"] != "ldm" and "eta" not in inspect.signature(pipe.scheduler.step).parameters:
-        console.warn(f"--eta {s['eta']} has no effect with {type(pipe.scheduler).__name__} (only ddim uses eta)")
+    load_seconds = time.perf_counter() - t
     if slicing is not None:
         pipe.enable_attention_slicing(slicing)
     if args.vae_slicing:
         pipe.enable_vae_slicing()
     if args.vae_tiling:
         pipe.enable_vae_tiling()
-    _time_steps(pipe, times, device)
     pipe.set_progress_bar_config(desc="denoising", file=sys.stderr, disable=args.quiet)
-    seed = s["seed"]
-    if seed is None or seed == -1:
-        import random
-        seed = random.randrange(2 ** 32)
-        console.info(f"seed: {seed}  (pass --seed {seed} to get the same image again)")
-    depth_map = torch.from_numpy(depth_array)[None] if depth_array is not None else None
-    from .png_metadata import generation_record, png_info
-    estimated = []  # the DPT output the pipeline computes, kept for --save-depth / --grid (no second DPT run)
-    pipe.depth_estimator.register_forward_hook(lambda module, inputs, output: estimated.append(output))
-    for job in jobs:
-        image = to_rgb(job["photo"])
-        if job["resize"]:
-            image = image.resize(job["size"], resample=1)  # 1 = LANCZOS, as the pipeline's own resize
-        n = args.num_images
-        seeds = [seed + i for i in range(n)]
-        generators = [torch.Generator(device).manual_seed(x) for x in seeds]
-        estimated.clear()
+    seed = resolve_seed(s["seed"], console.info)  # one seed for every photo: image i of each uses seed + i
+    timer, warn = StageTimes(device), once(console.warn)  # a warning about the settings: once, not once per photo
+    for job, outputs in planned:
         try:
             with inside_cli.recording(pipe, args) as seen:  # --filmstrip / --attention-maps: observe only
-                result = pipe(prompt=s["prompt"], image=image, depth_map=depth_map, strength=s["strength"],
-                              num_inference_steps=s["steps"], guidance_scale=s["guidance"],
-                              negative_prompt=s["negative_prompt"], num_images_per_prompt=n, eta=s["eta"],
-                              clip_skip=s["clip_skip"], generator=generators[0] if n == 1 else generators,
-                              **({"mode": "ldm", "crop_padding": args.crop_padding} if s["mode"] == "ldm" else {}))
+                [result] = generate(pipe, [dataclasses.replace(job, seed=seed)], device=device, observers=[timer],
+                                    warn=warn)
         except (ValueError, TypeError) as e:  # the pipeline's own checks, in the options' names
             message = re.sub(r"`(\w+)`", lambda m: OPTION_OF.get(m.group(1), m.group(0)), str(e))
             raise CLIError(message, code=2 if "`" in str(e) else 1) from e
-        record = generation_record(s, sampler=sampler, size=result.images[0].size, image_path=job["path"],
-                                   model=s["model"], device=device)
-        if s["mode"] == "ldm":
-            record["mode"] = "ldm"  # restored by --from
-        for img, path, x in zip(result.images, job["outputs"]["images"], seeds):
-            save_atomic(img, path, args.overwrite, pnginfo=png_info({**record, "seed": x}))
-            print(path, flush=True)
-        for path in inside_cli.after_generate(seen, job["outputs"], result.images, args.overwrite, save_atomic):
-            print(path, flush=True)
-        if args.save_depth or args.grid:
-            size = result.images[0].size  # (W, H) of the outputs
-            colour = depth_image(depth_map if depth_map is not None else estimated[0], size)
-            for path in job["outputs"]["depth"]:
-                save_atomic(colour, path, args.overwrite)
-                print(path, flush=True)
-            for path in job["outputs"]["grid"]:
-                labels = ["photo", "depth map" if depth_map is not None else "depth"] + [f"seed {x}" for x in seeds]
-                grid = compose_grid([image.resize(size, resample=3), colour, *result.images], labels=labels,
-                                    border=2)  # 3 = bicubic
-                save_atomic(grid, path, args.overwrite, pnginfo=png_info({**record, "seed": seed}))
-                print(path, flush=True)
+        _write(args, result, outputs, seen)
+    times = {"load": load_seconds, **{k: timer.seconds.get(k, 0.0) for k in ("depth", "denoise", "decode")}}
     total = time.perf_counter() - start
     console.info("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()) + f", total {total:.1f} s")
     return 0
 
 
-def _time_steps(pipe, times: dict, device: str) -> None:
-    """Wrap the pipeline's depth / denoise / decode steps (instance attributes shadow the methods) to time them."""
-    import torch
-
-    def timed(key, method):
-        def run(*a, **k):
-            t = time.perf_counter()
-            try:
-                return method(*a, **k)
-            finally:
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                times[key] += time.perf_counter() - t
-        return run
-    for key, name in (("depth", "prepare_depth_map"), ("denoise", "denoise"), ("decode", "decode")):
-        setattr(pipe, name, timed(key, getattr(pipe, name)))
+def _write(args, result, outputs: dict, seen: dict) -> None:
+    """One job's files, each printed once written: the images with their settings, the filmstrip and attention maps,
+    --save-depth's colour depth and --grid's photo | depth | images."""
+    from ..generation import depth_picture
+    from .png_metadata import png_info
+    for image, path, record in zip(result.images, outputs["images"], result.records):
+        save_atomic(image, path, args.overwrite, pnginfo=png_info(record))
+        print(path, flush=True)
+    for path in inside_cli.after_generate(seen, outputs, result.images, args.overwrite, save_atomic):
+        print(path, flush=True)
+    if outputs["depth"] or outputs["grid"]:
+        size = result.images[0].size  # (W, H) of the outputs
+        colour = depth_picture(result.depth, size)
+        for path in outputs["depth"]:
+            save_atomic(colour, path, args.overwrite)
+            print(path, flush=True)
+        for path in outputs["grid"]:
+            labels = ["photo", "depth map" if result.job.depth_map is not None else "depth"]
+            labels += [f"seed {x}" for x in result.seeds]
+            grid = compose_grid([result.photo.resize(size, resample=3), colour, *result.images], labels=labels,
+                                border=2)  # 3 = bicubic
+            save_atomic(grid, path, args.overwrite, pnginfo=png_info(result.records[0]))
+            print(path, flush=True)
 
 
 def load_pipeline(root: Path, variant: str | None, dtype: str, device: str, console: Console,
@@ -280,21 +236,6 @@ def load_pipeline(root: Path, variant: str | None, dtype: str, device: str, cons
     return pipe
 
 
-def depth_image(depth, size: tuple[int, int], raw16: bool = False):
-    """The first depth map of `depth` (B, h, w), bicubic-resized to `size` = (W, H): a colour PIL image (near =
-    bright), or with `raw16` a 16-bit grey one (min..max -> 0..65535, as MiDaS writes them)."""
-    import numpy as np
-    import torch.nn.functional as F
-    from PIL import Image
-    from ..depth import colorize_depth
-    d = F.interpolate(depth[:1, None].float().cpu(), size=size[::-1], mode="bicubic", align_corners=False)[0, 0]
-    d = d.double()
-    if not raw16:
-        return Image.fromarray(colorize_depth(d), "RGB")
-    t = (d - d.min()) / (d.max() - d.min()) if d.max() > d.min() else d * 0
-    return Image.fromarray(np.round(t.numpy() * 65535).astype(np.uint16))
-
-
 # ------------------------------------------------------------------------------------------------ other commands
 def cmd_depth(args, console: Console) -> int:
     photo = open_image(args.image, console)
@@ -306,6 +247,7 @@ def cmd_depth(args, console: Console) -> int:
     root = resolve_model(args.model, variant=args.variant, revision=args.revision)
     import torch
     from ..depth import DPTImageProcessor, estimate_depth
+    from ..generation import depth_picture
     from ..image_processing import to_rgb
     from .. import DPTDepthModel  # with its loading side (minidepth/checkpoints)
     device = pick_device(args.device)
@@ -318,10 +260,10 @@ def cmd_depth(args, console: Console) -> int:
     processor = DPTImageProcessor.from_pretrained(root / "feature_extractor")
     image = to_rgb(photo)
     depth = estimate_depth(image, model, processor, exact=False)  # (1, 384, 384), larger = nearer; as generate
-    save_atomic(depth_image(depth, image.size), Path(args.out), args.overwrite)
+    save_atomic(depth_picture(depth, image.size), Path(args.out), args.overwrite)
     print(args.out)
     if args.raw:
-        save_atomic(depth_image(depth, image.size, raw16=True), Path(args.raw), args.overwrite)
+        save_atomic(depth_picture(depth, image.size, raw16=True), Path(args.raw), args.overwrite)
         print(args.raw)
     return 0
 

@@ -19,6 +19,17 @@ MODE_NAMES = {"L": "a grey", "LA": "a grey + alpha", "La": "a grey + alpha", "P"
               "LAB": "a Lab", "HSV": "an HSV"}
 
 
+def once(warn):
+    """`warn`, but each distinct message only the first time (a setting warned about once, not once per job)."""
+    seen = set()
+
+    def warn_once(message: str) -> None:
+        if message not in seen:
+            seen.add(message)
+            warn(message)
+    return warn_once
+
+
 # ------------------------------------------------------------------------------------------------ inputs
 def open_image(path: str, console: Console, option: str = "--image"):
     """An image file as a loaded PIL image in its own mode (RGB conversion: `image_processing.to_rgb`, later), with

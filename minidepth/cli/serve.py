@@ -7,8 +7,9 @@ attention maps per word next to the result.
 How it behaves:
   - the model loads once, when the server starts; gradio's queue runs one generation at a time (concurrency 1, plus a
     lock), so two browser tabs wait for each other instead of sharing the model;
-  - a generation is what `minidepth generate` does with the same arguments: the same checks, the same pixels, and the
-    same PNG settings (`png_metadata.generation_record` + `png_info`); the images are served as those PNG files;
+  - a generation is what `minidepth generate` does with the same arguments: the same library call
+    (`minidepth.generation.generate`), so the same pixels and the same PNG settings; the images are served as those
+    PNG files;
   - Mode "ldm" is `generate --mode ldm` (minidepth/ldm_mode.py): the photo padded, not resized; LDM's DDIM grid;
     switching the mode moves strength and guidance to that mode's defaults when they are still the other's;
   - bad input (no photo, an unreadable file, a value out of range, an image under 8x8, a word not in the prompt) is a
@@ -19,7 +20,6 @@ gradio is imported only here, and only when the server starts: `minidepth --help
 
 from __future__ import annotations
 
-import random
 import re
 import sys
 import tempfile
@@ -27,9 +27,10 @@ import threading
 import time
 from pathlib import Path
 
-from .args import A1111_NAMES, DEFAULT_MODEL, DTYPES, GENERATE_DEFAULTS, MAX_SEED, SCHEDULERS, CLIError
+from .args import DEFAULT_MODEL, DTYPES, GENERATE_DEFAULTS, MAX_SEED, SCHEDULERS, CLIError
 
-SAMPLE_PHOTO = Path(__file__).resolve().parent / "data" / "sample-photo.png"  # scripts/make_sample_photo.py draws it
+# the page's sample photo, minidepth/data/sample-photo.png (scripts/make_sample_photo.py draws it)
+SAMPLE_PHOTO = Path(__file__).resolve().parents[1] / "data" / "sample-photo.png"
 OWN_SCHEDULER = "checkpoint's own"
 
 
@@ -79,23 +80,14 @@ def run(args, console) -> int:
 
 # ------------------------------------------------------------------------------------------------ one generation
 class Studio:
-    """The loaded pipeline and what the page asks of it: `generate(...)` mirrors `minidepth generate`."""
+    """The loaded pipeline and what the page asks of it: `generate(...)` checks the page's input, hands one
+    generation.Job to the library (the same path as `minidepth generate`) and writes the files the page shows."""
 
     def __init__(self, pipe, model: str, variant, revision, dtype: str, device: str, max_steps: int, console):
         self.pipe, self.model, self.variant, self.revision = pipe, model, variant, revision
         self.dtype, self.device, self.max_steps, self.console = dtype, device, max_steps, console
-        self.own_scheduler = (type(pipe.scheduler), dict(pipe.scheduler.config))
         self.folder = Path(tempfile.mkdtemp(prefix="minidepth-serve-"))
         self.lock, self.jobs = threading.Lock(), 0
-
-    def scheduler(self, key: str | None):
-        """A fresh scheduler for each generation (schedulers keep state): the chosen one, or the checkpoint's own."""
-        from .. import schedulers
-        cls, config = self.own_scheduler
-        if key is None:
-            return cls.from_config(config)
-        name, overrides = SCHEDULERS[key]
-        return getattr(schedulers, name).from_config({**config, **overrides})
 
     def generate(self, photo: str | None, prompt: str, negative_prompt: str, strength: float, steps: int,
                  guidance: float, seed, scheduler: str, num_images: int, depth_file: str | None, words: str,
@@ -104,6 +96,7 @@ class Studio:
         """Check everything first (CLIError), then generate; mode="ldm" (+ crop_padding) as `generate --mode ldm`.
         Returns {"images": [PNG paths], "seed": first seed, "depth": PNG path, "filmstrip": PNG path or None,
         "attention": [(PNG path, caption)]}."""
+        from ..generation import Job, Wording, check
         from .files import open_image, read_depth_map
         warn = warn or self.console.warn
         progress = (lambda *a, **k: None) if progress is None else progress  # not `or`: gr.Progress has a len()
@@ -113,9 +106,7 @@ class Studio:
         key = None if scheduler in (None, "", OWN_SCHEDULER) else scheduler
         s = {**GENERATE_DEFAULTS, "image": [photo], "prompt": prompt or "", "negative_prompt": negative_prompt or None,
              "strength": float(strength), "steps": int(steps), "guidance": float(guidance), "seed": seed,
-             "scheduler": key, "depth_map": depth_file or None, "model": self.model, "variant": self.variant,
-             "revision": self.revision, "dtype": self.dtype, "mode": mode or "diffusers",
-             "crop_padding": bool(crop_padding)}
+             "scheduler": key, "depth_map": depth_file or None, "dtype": self.dtype, "mode": mode or "diffusers"}
         num_images, ldm = int(num_images), s["mode"] == "ldm"
         if crop_padding and not ldm:
             raise CLIError("--crop-padding only applies with --mode ldm (the diffusers mode does not pad)", code=2)
@@ -125,8 +116,6 @@ class Studio:
         if ldm and (words or filmstrip):  # both follow the diffusers pipeline's denoising loop
             warn("the filmstrip and attention maps are not recorded in ldm mode")
             words, filmstrip = [], False
-        if ldm and key:
-            warn(f"--scheduler {key} is ignored with --mode ldm (LDM's own DDIM sampler)")
         if words:
             from ..inside.attention_maps import check_words
             try:
@@ -136,99 +125,62 @@ class Studio:
         if not s["prompt"].strip():
             warn("the prompt is empty: nothing steers the image but the photo and its depth")
 
-        image = open_image(photo, _Warnings(warn), option="photo")
-        w, h = image.size
-        size = (w, h) if ldm else (w - w % 8, h - h % 8)  # ldm pads (to multiples of 64) instead
-        if min(size) < 8:
-            raise CLIError(f"the photo is {w}x{h} pixels; it must be at least 8x8")
-        if size != (w, h):
-            warn(f"the photo is {w}x{h} pixels; sides must be multiples of 8, so it is resized to {size[0]}x{size[1]}")
-        depth_array = read_depth_map(depth_file) if depth_file else None
-        if depth_array is not None:
-            dh, dw = depth_array.shape
-            if abs((dw / dh) / (size[0] / size[1]) - 1) > 0.01:
-                warn(f"the depth map is {dw}x{dh} but the image is {size[0]}x{size[1]}: the depth map is stretched")
+        job = Job(prompt=s["prompt"], photo=open_image(photo, _Warnings(warn), option="photo"), photo_path=photo,
+                  model=self.model, negative_prompt=s["negative_prompt"], strength=s["strength"], steps=s["steps"],
+                  guidance=s["guidance"], seed=seed, scheduler=key, num_images=num_images,
+                  depth_map=read_depth_map(depth_file) if depth_file else None, depth_map_path=s["depth_map"],
+                  mode=s["mode"], crop_padding=bool(crop_padding), variant=self.variant, revision=self.revision,
+                  dtype=self.dtype)
+        try:  # the photo's size, the depth map's aspect ratio: in the page's words
+            check(job, warn, Wording(photo="the photo", depth_map="the depth map", resize_hint="", small_hint=""))
+        except ValueError as e:
+            raise CLIError(str(e)) from e
         with self.lock:  # the queue already runs one job at a time; the lock makes it a rule of this class
-            return self._run(image, size, photo, s, num_images, words, filmstrip, depth_array, progress)
+            return self._run(job, words, filmstrip, warn, progress)
 
-    def _run(self, photo_image, size, photo_path, s, num_images, words, filmstrip, depth_array, progress) -> dict:
+    def _run(self, job, words: list[str], filmstrip: bool, warn, progress) -> dict:
         import contextlib
+        import dataclasses
 
-        import torch
-
-        from .command import depth_image
-        from ..image_processing import to_rgb
-        from ..inside._patch import observe_method
-        from ..inside.filmstrip import record_filmstrip
+        from ..generation import depth_picture, generate, resolve_seed
         from ..inside.attention_maps import record_attention
-        from .png_metadata import generation_record, png_info
-        pipe, device = self.pipe, self.device
+        from ..inside.filmstrip import record_filmstrip
+        from .png_metadata import png_info
         self.jobs += 1
-        job = self.jobs
-        folder = self.folder / f"{job:04d}"
+        number = self.jobs
+        folder = self.folder / f"{number:04d}"
         folder.mkdir()
-        seed = s["seed"]
-        if seed is None or seed == -1:
-            seed = random.randrange(2 ** 32)
-        seeds = [seed + i for i in range(num_images)]
+        job = dataclasses.replace(job, seed=resolve_seed(job.seed))  # drawn here: the log and the page show it
         start = time.perf_counter()
-        self.console.info(f"job {job}: started (seed {seed}, {num_images} image(s), {s['steps']} steps)")
-
-        pipe.scheduler = self.scheduler(s["scheduler"])
-        key = s["scheduler"] or next((k for k, (cls, over) in SCHEDULERS.items()
-                                      if cls == type(pipe.scheduler).__name__ and not over), None)
-        sampler = "DDIM" if s["mode"] == "ldm" else A1111_NAMES.get(key, type(pipe.scheduler).__name__)
-        ldm = {"mode": "ldm", "crop_padding": s["crop_padding"]} if s["mode"] == "ldm" else {}  # pipe(**ldm)
-        image = to_rgb(photo_image)
-        if image.size != size:
-            image = image.resize(size, resample=1)  # 1 = LANCZOS, as `generate` and the pipeline resize
-        generators = [torch.Generator(device).manual_seed(x) for x in seeds]
-        depth_map = torch.from_numpy(depth_array)[None] if depth_array is not None else None
-        estimated, calls = [], {"total": 1}
-        if ldm:  # LDM's loop does not go through pipe.denoise: t_enc UNet calls
-            from ..ldm_mode import t_enc_for
-            calls["total"] = t_enc_for(s["strength"], s["steps"])
+        self.console.info(f"job {number}: started (seed {job.seed}, {job.num_images} image(s), {job.steps} steps)")
         progress(0, desc="estimating depth")
 
-        def on_step(pipe, i, t, tensors):  # the pipeline's callback after each UNet call: one tick of the bar
-            progress((i + 1, calls["total"]), desc="denoising", unit="UNet calls")
-            return {}
+        def on_step(done: int, total: int) -> None:  # after each UNet call: one tick of the page's bar
+            progress((done, total), desc="denoising", unit="UNet calls")
         with contextlib.ExitStack() as stack:
-            hook = pipe.depth_estimator.register_forward_hook(lambda m, a, out: estimated.append(out))
-            stack.callback(hook.remove)
-            stack.enter_context(observe_method(pipe, "denoise", before=lambda a: calls.update(
-                total=len(a["timesteps"]))))
-            attention = stack.enter_context(record_attention(pipe, words)) if words else None
-            film = stack.enter_context(record_filmstrip(pipe)) if filmstrip else None
+            attention = stack.enter_context(record_attention(self.pipe, words)) if words else None
+            film = stack.enter_context(record_filmstrip(self.pipe)) if filmstrip else None
             try:
-                result = pipe(prompt=s["prompt"], image=image, depth_map=depth_map, strength=s["strength"],
-                              num_inference_steps=s["steps"], guidance_scale=s["guidance"],
-                              negative_prompt=s["negative_prompt"], num_images_per_prompt=num_images, eta=s["eta"],
-                              clip_skip=s["clip_skip"], generator=generators[0] if num_images == 1 else generators,
-                              callback_on_step_end=on_step, **ldm)
+                [result] = generate(self.pipe, [job], device=self.device, warn=warn, progress=on_step)
             except (ValueError, TypeError) as e:  # the pipeline's own checks
                 raise CLIError(str(e), code=2) from e
             progress(1.0, desc="saving")
-            record = generation_record(s, sampler=sampler, size=result.images[0].size, image_path=photo_path,
-                                       model=self.model, device=device)
-            if ldm:
-                record["mode"] = "ldm"  # as `generate --mode ldm`: restored by --from
-            out = {"seed": seed, "images": [], "attention": [], "filmstrip": None}
-            for i, (img, x) in enumerate(zip(result.images, seeds)):
-                path = folder / f"minidepth-{x}.png"
-                img.save(path, pnginfo=png_info({**record, "seed": x}))
+            out = {"seed": job.seed, "images": [], "attention": [], "filmstrip": None}
+            for i, (image, record) in enumerate(zip(result.images, result.records)):
+                path = folder / f"minidepth-{record['seed']}.png"
+                image.save(path, pnginfo=png_info(record))
                 out["images"].append(path)
                 if attention is not None:
-                    for k, (word, overlay) in enumerate(attention.overlays(img, words, index=i).items()):
+                    for k, (word, overlay) in enumerate(attention.overlays(image, words, index=i).items()):
                         overlay.save(folder / f"attn-{i + 1}-{k + 1}.png")
-                        caption = word + (f" (image {i + 1})" if num_images > 1 else "")
+                        caption = word + (f" (image {i + 1})" if job.num_images > 1 else "")
                         out["attention"].append((folder / f"attn-{i + 1}-{k + 1}.png", caption))
             if film is not None:
                 out["filmstrip"] = folder / "filmstrip.png"
                 film.strip("vae", index=0).save(out["filmstrip"])
         out["depth"] = folder / "depth.png"
-        depth_image(depth_map if depth_map is not None else estimated[0], result.images[0].size).save(out["depth"])
-        self.console.info(f"job {job}: done in {time.perf_counter() - start:.1f} s: {folder}")
+        depth_picture(result.depth, result.images[0].size).save(out["depth"])
+        self.console.info(f"job {number}: done in {time.perf_counter() - start:.1f} s: {folder}")
         return out
 
 
