@@ -26,12 +26,13 @@ from pathlib import Path
 import torch
 
 from ..models.loadable import Loadable
-from . import diffusers_format, ldm_format, transformers_format
+from . import depth_anything_format, diffusers_format, ldm_format, transformers_format
 from .keymap import KeyMap
 from .layouts import FolderFormat, SingleFileLayout
 from .loader import CheckpointError, TensorFile, build_on_meta, find_weights, mapped_state_dict, read_json, save_component
 
-FOLDER_FORMATS: dict[type, FolderFormat] = {**diffusers_format.FOLDER_FORMATS, **transformers_format.FOLDER_FORMATS}
+FOLDER_FORMATS: dict[type, FolderFormat] = {**diffusers_format.FOLDER_FORMATS, **transformers_format.FOLDER_FORMATS,
+                                             **depth_anything_format.FOLDER_FORMATS}
 SINGLE_FILE_LAYOUTS: dict[type, tuple[SingleFileLayout, ...]] = ldm_format.LAYOUTS
 
 

@@ -110,23 +110,3 @@ def read_settings(path) -> tuple[dict, str | None]:
         except json.JSONDecodeError:
             pass
     return (parse_parameters_text(text), text) if text else ({}, None)
-
-
-def generation_record(s: dict, *, sampler: str, size, image_path: str, model: str, device: str) -> dict:
-    """The settings `generate` stores in each PNG (`png_metadata.png_info`), `seed` added per image by the caller.
-    `s` holds generate's option names: prompt, negative_prompt, steps, strength, guidance, scheduler, eta, clip_skip,
-    width, height, depth_map, variant, revision, dtype."""
-    import hashlib
-    from pathlib import Path
-    from .. import __version__
-    folder = Path(model).expanduser()
-    return {"version": __version__, "prompt": s["prompt"], "negative_prompt": s["negative_prompt"],
-            "steps": s["steps"], "strength": s["strength"], "guidance": s["guidance"],
-            "scheduler": s["scheduler"], "sampler": sampler, "eta": s["eta"], "clip_skip": s["clip_skip"],
-            "width": s["width"], "height": s["height"], "size": list(size),
-            "image": str(Path(image_path).resolve()),
-            "image_sha256": hashlib.sha256(Path(image_path).read_bytes()).hexdigest(),
-            "depth_map": str(Path(s["depth_map"]).resolve()) if s["depth_map"] else None,
-            "model": str(folder.resolve()) if folder.is_dir() else model,
-            "model_name": folder.resolve().name if folder.is_dir() else model.split("/")[-1],
-            "variant": s["variant"], "revision": s["revision"], "dtype": s["dtype"], "device": device}
