@@ -125,7 +125,7 @@ def main(argv=None) -> int:
         t = torch.tensor([500, 500])
         profile_call(f"UNet step, batch 2, {size}x{size} ({h}x{h} latents)", lambda: unet(x, t, ctx), args.exact,
                      args.runs)
-    del unet
+    unet = None  # one big network in memory at a time
     dpt = random_weights(DPTDepthModel(), 2)
     pixels = torch.randn(1, 3, 384, 384, generator=g)
     profile_call("DPT-Hybrid, 384x384", lambda: dpt(pixels), args.exact, args.runs)
