@@ -22,8 +22,8 @@ _EXPORTS = {  # public name -> the module that defines it
     "estimate_depth": ".depth", "prepare_depth_map": ".depth", "save_depth_image": ".depth",
     "load_image": ".image_processing", **dict.fromkeys(_SCHEDULER_NAMES, ".schedulers"),
     "UNet": ".models.unet", "AutoencoderKL": ".models.autoencoder", "CLIPTextModel": ".models.clip_text",
-    "DPTDepthModel": ".models.dpt"}
-_NETWORKS = ("UNet", "AutoencoderKL", "CLIPTextModel", "DPTDepthModel")  # with their loading side (checkpoints/)
+    "DPTDepthModel": ".models.dpt", "DepthAnythingV2": ".models.depth_anything"}
+_NETWORKS = ("UNet", "AutoencoderKL", "CLIPTextModel", "DPTDepthModel", "DepthAnythingV2")  # + their loading side
 __all__ = list(_EXPORTS)
 
 

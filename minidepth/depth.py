@@ -15,6 +15,19 @@ deviation is an explicit, documented argument:
     (non-flat maps are bit-identical); `nan_safe=False` reproduces the NaN.
 Where the reference crashes (grey / RGBA images, a single CHW tensor or HWC array, a depth batch that does not divide
 the batch) this module does the sensible thing or raises a ValueError naming the argument.
+
+The depth-model slot. SD2-depth was trained on MiDaS DPT-Hybrid's depth, but the pipeline runs any estimator that
+follows this protocol (`pipe.depth_estimator = model; pipe.feature_extractor = processor`, or
+`from_pretrained(..., depth_estimator=..., feature_extractor=...)`; by name: checkpoints/depth_models.py):
+  - `feature_extractor`: a callable, `processor(images) -> pixel_values` (B, 3, H, W): a tensor, or an object with
+    `.pixel_values` / a mapping with "pixel_values" (transformers' image processors return a BatchFeature);
+  - `depth_estimator`: a torch.nn.Module, `model(pixel_values) -> (B, h, w)` relative inverse depth (larger = nearer;
+    any scale and shift, any h, w): a tensor, or an object with `.predicted_depth` (transformers' output). Its dtype
+    and device are those of its first parameter: it must have at least one.
+The output is resized to the latent grid and min-max normalised per image to [-1, 1], so the scale does not matter;
+the shape of the depth distribution does (the UNet learnt DPT-Hybrid's). `check_depth_estimator` and
+`check_feature_extractor` check the structure when a model is assigned; `depth_output` and `pixel_values_of` check
+what they return on every call, with a TypeError/ValueError saying what the protocol wants.
 """
 
 from __future__ import annotations
@@ -30,18 +43,124 @@ import torch.nn.functional as F
 from .dpt_processing import (PIL_RESAMPLE, RESAMPLE, DPTImageProcessor, DPTProcessorConfig,  # noqa: F401
                              _as_chw, image_list, resize_like_torchvision)
 
+# ------------------------------------------------------------------------------------------------ the slot's protocol
+def _loaded_by_name(value, where: str) -> None:
+    if isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"`{where}` is the name {str(value)!r}, not a model: load it by name with "
+                        f"StableDiffusionDepth2ImgPipeline.from_pretrained(..., depth_estimator={str(value)!r}) or "
+                        "minidepth.checkpoints.depth_models.load_depth_model")
+
+
+def check_depth_estimator(model, where: str = "depth_estimator"):
+    """`model` if it can fill the depth slot (None too: then every call needs a `depth_map`); else a TypeError /
+    ValueError saying what the protocol (module docstring) wants. Runs nothing."""
+    if model is None:
+        return None
+    _loaded_by_name(model, where)
+    if not isinstance(model, torch.nn.Module):
+        hint = " (wrap it in a torch.nn.Module that holds its weights as parameters)" if callable(model) else ""
+        raise TypeError(f"`{where}` must be a torch.nn.Module called as model(pixel_values) -> (B, h, w) relative "
+                        f"inverse depth; got {'a function' if callable(model) else 'a ' + type(model).__name__}{hint}")
+    if next(model.parameters(), None) is None:
+        raise ValueError(f"`{where}` ({type(model).__name__}) has no parameters: the pipeline reads the depth model's "
+                         "dtype and device from its first parameter; register one (any nn.Parameter or layer)")
+    return model
+
+
+def check_feature_extractor(processor, where: str = "feature_extractor"):
+    """`processor` if it is callable as `processor(images) -> pixel_values` (None too); else a TypeError."""
+    if processor is None:
+        return None
+    _loaded_by_name(processor, where)
+    if not callable(processor):
+        raise TypeError(f"`{where}` must be callable as processor(images) -> pixel_values (B, 3, H, W); got an "
+                        f"object of type {type(processor).__name__}")
+    return processor
+
+
+class CheckedAttribute:
+    """An attribute whose value goes through `check` when assigned (the pipeline's depth slot:
+    `depth_estimator = CheckedAttribute(check_depth_estimator)`); a refused value leaves the old one in place."""
+
+    def __init__(self, check):
+        self.check = check
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name, self.stored = name, f"_{name}"
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else getattr(obj, self.stored)
+
+    def __set__(self, obj, value) -> None:
+        setattr(obj, self.stored, self.check(value, self.name))
+
+
+def model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
+    """(device, dtype) of a depth model: those of its first parameter."""
+    check_depth_estimator(model, "model")
+    p = next(model.parameters())
+    return p.device, p.dtype
+
+
+def pixel_values_of(output, processor=None) -> torch.Tensor:
+    """What a feature extractor returned -> the (B, 3, H, W) tensor: a tensor, `.pixel_values` or ["pixel_values"]
+    (a list of arrays is stacked). TypeError / ValueError naming the processor otherwise."""
+    name = type(processor).__name__ if processor is not None else "the feature extractor"
+    values = output
+    if not isinstance(values, torch.Tensor):
+        values = output.get("pixel_values") if hasattr(output, "get") else getattr(output, "pixel_values", None)
+        if isinstance(values, np.ndarray):
+            values = torch.from_numpy(values)
+        elif isinstance(values, (list, tuple)) and values:
+            values = torch.stack([torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v
+                                  for v in values])
+    if not isinstance(values, torch.Tensor):
+        raise TypeError(f"{name} returned a {type(output).__name__}; the feature extractor must return pixel_values, "
+                        "a (B, 3, H, W) tensor (or an object with .pixel_values, as transformers' processors do)")
+    if values.ndim != 4 or values.shape[1] != 3 or not values.is_floating_point():
+        raise ValueError(f"{name} returned pixel_values of shape {tuple(values.shape)} and dtype {values.dtype}; the "
+                         "feature extractor must return a floating-point (B, 3, H, W) tensor")
+    return values
+
+
+def depth_output(output, model=None, batch: int | None = None) -> torch.Tensor:
+    """What a depth model returned -> its (B, h, w) depth: the tensor itself or `.predicted_depth` (transformers).
+    TypeError / ValueError naming the model and saying what the protocol wants otherwise."""
+    name = type(model).__name__ if model is not None else "the depth estimator"
+    depth = output
+    if not isinstance(depth, torch.Tensor):
+        depth = output.get("predicted_depth") if hasattr(output, "get") else getattr(output, "predicted_depth", None)
+    if not isinstance(depth, torch.Tensor):
+        raise TypeError(f"{name} returned a {type(output).__name__}; a depth estimator must return a (B, h, w) tensor "
+                        "of relative inverse depth (or an object with .predicted_depth, as transformers' do)")
+    if depth.ndim != 3:
+        fix = " (drop the channel: depth[:, 0])" if depth.ndim == 4 and depth.shape[1] == 1 else ""
+        raise ValueError(f"{name} returned depth of shape {tuple(depth.shape)}; a depth estimator must return "
+                         f"(B, h, w), one map per image, larger = nearer{fix}")
+    if batch is not None and depth.shape[0] != batch:
+        raise ValueError(f"{name} returned {depth.shape[0]} depth maps for {batch} images (shape "
+                         f"{tuple(depth.shape)}); it must return one (h, w) map per image")
+    if not depth.is_floating_point():
+        raise TypeError(f"{name} returned depth of dtype {depth.dtype}; it must be floating point")
+    return depth
+
+
 # ------------------------------------------------------------------------------------------------ estimating depth
-def estimate_depth(image, model, processor: DPTImageProcessor | None = None, *, device=None,
+def estimate_depth(image, model, processor=None, *, device=None,
                    dtype: torch.dtype | None = None, exact: bool | None = None) -> torch.Tensor:
-    """Raw DPT output for image(s): (B, 384, 384) relative inverse depth (near = large, >= 0, arbitrary scale).
-    `pixel_values` are cast to `dtype` (default: the model's) and moved to `device` (default: the model's).
+    """The depth model's raw output for image(s): (B, h, w) relative inverse depth (near = large, arbitrary scale;
+    (B, 384, 384) for SD2-depth's DPT). `model` and `processor` follow the slot's protocol (module docstring;
+    `processor` None: SD2-depth's DPT preprocessing). `pixel_values` are cast to `dtype` and moved to `device`
+    (defaults: the model's first parameter's).
     `exact=False`: the fast CPU kernels, as the pipeline runs by default (the same numbers as its depth estimate);
     `True`: PyTorch's default kernels, as in transformers; `None`: whichever the caller has on (a pipeline step)."""
     from .fast_kernels import fast_kernels
-    pixel_values = (processor or DPTImageProcessor())(image)
-    pixel_values = pixel_values.to(device=device or model.device, dtype=dtype or model.dtype)
+    model_device, model_dtype = model_device_dtype(model)
+    processor = check_feature_extractor(processor, "processor") or DPTImageProcessor()
+    pixel_values = pixel_values_of(processor(image), processor)
+    pixel_values = pixel_values.to(device=device or model_device, dtype=dtype or model_dtype)
     with torch.no_grad(), (contextlib.nullcontext() if exact is None else fast_kernels(enabled=not exact)):
-        return model(pixel_values)
+        return depth_output(model(pixel_values), model, pixel_values.shape[0])
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):
@@ -118,13 +237,13 @@ def _check_batch(n: int, batch_size: int, source: str) -> None:
 
 def prepare_depth_map(image, depth_map=None, batch_size: int = 1, do_classifier_free_guidance: bool = False,
                       dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", *,
-                      depth_estimator=None, feature_extractor: DPTImageProcessor | None = None,
+                      depth_estimator=None, feature_extractor=None,
                       vae_scale_factor: int = 8, nan_safe: bool = True, fix_numpy_size: bool = False) -> torch.Tensor:
     """The UNet's depth channel, (batch_size [x2 with CFG], 1, H/8, W/8) in [-1, 1], as diffusers builds it:
 
     1. size (H, W) from the FIRST image (see `_size_from_first_image`);
-    2. depth: `depth_map` if given (any scale), else the DPT's prediction for `image` (under autocast for 16-bit
-       dtypes), in `dtype` on `device`;
+    2. depth: `depth_map` if given (any scale), else `depth_estimator`'s prediction for `image` (under autocast for
+       16-bit dtypes), in `dtype` on `device` (any model of the slot's protocol, module docstring);
     3. bicubic resize (align_corners=False) to (H // 8, W // 8);
     4. per sample `2 (d - min) / (max - min) - 1`, no epsilon. A flat sample (max == min before or after the resize)
        gives zeros with `nan_safe` (the reference: NaN, or noise when the resize is not exactly flat);
@@ -210,31 +329,6 @@ def save_depth_image(depth, path_png: str | os.PathLike,
     return image
 
 
-def read_depth_map(path: str):
-    """A depth-map file -> (H, W) float32 numpy array, larger = nearer (the DPT convention): a .npy array, or a grayscale
-    image (8/16-bit PNG such as the `--raw` output of `minidepth depth`).
-    ValueError naming the file when it is missing, unreadable, in colour, not 2-D or not finite."""
-    from PIL import Image
-    if not os.path.isfile(path):
-        raise ValueError(f"file not found: {path}")
-    try:
-        if path.lower().endswith(".npy"):
-            array = np.load(path, allow_pickle=False)
-        else:
-            with Image.open(path) as img:
-                img.load()
-                array = np.asarray(img)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path} is not a readable .npy array or image ({e})") from e
-    if array.ndim == 3 and array.shape[-1] in (3, 4):
-        if not (np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(array[..., 0], array[..., 2])):
-            raise ValueError(f"{path} is a colour image; pass a grayscale depth image (e.g. the --raw "
-                             "output of `minidepth depth`) or a .npy array")
-        array = array[..., 0]
-    array = np.squeeze(array)
-    if array.ndim != 2 or not np.issubdtype(array.dtype, np.number):
-        raise ValueError(f"{path} holds an array of shape {array.shape}; expected a 2-D (H, W) depth map")
-    array = array.astype(np.float32)
-    if not np.isfinite(array).all():
-        raise ValueError(f"{path} contains NaN or infinite values")
-    return array
+# reading depth-map files, under the size policy: minidepth/image_files.py (torch-free, so that the command line checks
+# a --depth-map before torch is imported); `minidepth.depth.read_depth_map(path, max_pixels=...)` is that function
+from .image_files import read_depth_map  # noqa: E402,F401

@@ -13,7 +13,9 @@ model loads, then `generate`, and writes the files (cli/png_metadata.py turns a 
 
 The rules, kept here once:
   - size: the photo is resized to `width` x `height` when they are given (one alone keeps the aspect ratio, rounded to
-    multiples of 8); the pipeline then floors the sides to multiples of 8 (LANCZOS), or pads them in ldm mode;
+    multiples of 8); the pipeline then floors the sides to multiples of 8 (LANCZOS), or pads them in ldm mode; that
+    size is at most `max_pixels` (2048 x 2048 by default), and a photo or depth-map file above 16 times as many
+    pixels is refused from its header, before it is decoded (the size policy: minidepth/image_files.py);
   - seeds: image i of a job is made with its own generator seeded `seed + i`; a job without a seed gets one drawn
     (`resolve_seed`): seeds never depend on the process or on the other jobs of a batch;
   - scheduler: a fresh one for every call (schedulers keep state), by its short name (`schedulers.names`) built from
@@ -38,6 +40,7 @@ import weakref
 from pathlib import Path
 from typing import Any, Callable
 
+from .image_files import MAX_PIXELS
 from .observers import Observer
 
 Warn = Callable[[str], None]
@@ -51,13 +54,17 @@ class Job:
     `photo` is a loaded PIL image in any mode (converted to RGB here); None reads `photo_path` when the job runs (a
     batch of thousands of jobs need not hold every photo in memory). `photo_path` is recorded (resolved, with the
     file's SHA-256) so that `generate --from` finds the photo again. Likewise `depth_map` (an (H, W) array, larger =
-    nearer) or None with `depth_map_path` (read when the job runs; None for both: the DPT estimates the depth).
-    `model`, `variant`, `revision` and `dtype` only go into the record: the pipeline is already loaded."""
+    nearer) or None with `depth_map_path` (read when the job runs; None for both: the depth model estimates it).
+    `model`, `depth_model` (None: "dpt-hybrid", the checkpoint's own), `variant`, `revision` and `dtype` only go into
+    the record: the pipeline is already loaded, with that depth model in its slot.
+    `max_pixels`: the size policy (minidepth/image_files.py): images of at most that many pixels, input files of at
+    most 16 times as many (refused from their header, before they are decoded); not part of the record."""
 
     prompt: str
     photo: Any = None
     photo_path: str
     model: str
+    depth_model: str | None = None
     negative_prompt: str | None = None
     width: int | None = None
     height: int | None = None
@@ -76,6 +83,7 @@ class Job:
     variant: str | None = None
     revision: str | None = None
     dtype: str = "fp32"
+    max_pixels: int = MAX_PIXELS
 
 
 @dataclasses.dataclass
@@ -103,6 +111,8 @@ class Wording:
     depth_map: str = "--depth-map {path}"
     resize_hint: str = " (--width/--height choose the size)"
     small_hint: str = " (or pass --width/--height to resize it)"
+    large_hint: str = "; pass --width/--height for a smaller size, or raise --max-pixels"
+    limit: str = "--max-pixels"  # how the limit is raised, in a file's refusal
 
 
 # ------------------------------------------------------------------------------------------------ before the model
@@ -119,12 +129,15 @@ def target_size(size: tuple[int, int], width: int | None, height: int | None) ->
     return width, height
 
 
-def photo_size(job: Job) -> tuple[int, int]:
-    """(W, H) of the job's photo (only the file's header is read when the photo is not loaded)."""
+def photo_size(job: Job, wording: Wording | None = None) -> tuple[int, int]:
+    """(W, H) of the job's photo (only the file's header is read when the photo is not loaded; a file above the size
+    policy's file limit is refused there: image_files.TooLarge)."""
     if job.photo is not None:
         return job.photo.size
-    from PIL import Image
-    with Image.open(job.photo_path) as img:
+    from .image_files import open_image_file
+    wording = wording or Wording()
+    with open_image_file(job.photo_path, wording.photo.format(path=job.photo_path), max_pixels=job.max_pixels,
+                         raise_with=wording.limit) as img:
         return img.size
 
 
@@ -137,14 +150,19 @@ def output_size(job: Job) -> tuple[int, int]:
 
 def check(job: Job, warn: Warn | None = None, wording: Wording = Wording()) -> None:
     """The checks and warnings that need no model, for a front end to run before one loads: a photo under 8x8
-    (ValueError), the resize to multiples of 8, and a depth map whose aspect ratio is not the image's (stretched)."""
+    (ValueError), a generation above `job.max_pixels` and a photo file above the size policy's file limit
+    (image_files.TooLarge, a ValueError), the resize to multiples of 8, and a depth map whose aspect ratio is not the
+    image's (stretched)."""
+    from .image_files import check_generation_size
     warn = warn or (lambda message: None)
     photo = wording.photo.format(path=job.photo_path)
-    size = target_size(photo_size(job), job.width, job.height)
+    size = target_size(photo_size(job, wording), job.width, job.height)
     w, h = output_size(job)
     if min(w, h) < 8:
         pw, ph = photo_size(job)
         raise ValueError(f"{photo} is {pw}x{ph} pixels; images must be at least 8x8{wording.small_hint}")
+    shown = photo if size == photo_size(job) else f"{photo}, resized,"
+    check_generation_size(size, shown, job.max_pixels, wording.large_hint)
     if (w, h) != size:
         warn(f"{photo} is {size[0]}x{size[1]} pixels; sides must be multiples of 8, so it is resized to {w}x{h}"
              f"{wording.resize_hint}")
@@ -169,7 +187,7 @@ def resolve_seed(seed: int | None, say: Warn | None = None) -> int:
 def batch_key(job: Job) -> tuple:
     """Jobs with equal keys can share one pipeline call: everything but the prompt, the photo and the seed."""
     return (output_size(job), job.steps, job.strength, job.guidance, job.scheduler, job.negative_prompt or "",
-            job.eta, job.clip_skip, job.mode, job.crop_padding)
+            job.eta, job.clip_skip, job.mode, job.crop_padding, job.depth_model or "dpt-hybrid")
 
 
 def can_share_a_call(job: Job) -> bool:
@@ -232,7 +250,8 @@ def generate(pipe, jobs: list[Job], *, device, observers=(), warn: Warn | None =
     call = dict(prompt=first.prompt if one else [j.prompt for j in jobs], image=photos[0] if one else photos,
                 depth_map=depth_map, strength=first.strength, num_inference_steps=first.steps,
                 guidance_scale=first.guidance, negative_prompt=negative, num_images_per_prompt=n, eta=first.eta,
-                clip_skip=first.clip_skip, generator=generators[0] if len(generators) == 1 else generators)
+                clip_skip=first.clip_skip, generator=generators[0] if len(generators) == 1 else generators,
+                max_pixels=first.max_pixels)
     if ldm:
         call.update(mode="ldm", crop_padding=first.crop_padding)
     watching = list(observers)
@@ -242,8 +261,10 @@ def generate(pipe, jobs: list[Job], *, device, observers=(), warn: Warn | None =
         watching.append(counter)
         call["callback_on_step_end"] = counter.on_step
 
-    estimated = []  # the DPT's output, kept for the depth panel (no second DPT run)
-    hook = pipe.depth_estimator.register_forward_hook(lambda module, inputs, output: estimated.append(output))
+    from .depth import depth_output
+    estimated = []  # the depth model's output, kept for the depth panel (no second run)
+    hook = pipe.depth_estimator.register_forward_hook(
+        lambda module, inputs, output: estimated.append(depth_output(output, module)))
     try:
         with pipe.observing(*watching):
             images = pipe(**call).images
@@ -273,10 +294,12 @@ def fresh_scheduler(pipe, name: str | None):
 def _rgb_photo(job: Job):
     """The job's photo in RGB, resized (LANCZOS, as the pipeline resizes) when width/height ask for another size."""
     from PIL import Image
+
+    from .image_files import open_image_file
     from .image_processing import to_rgb
     photo = job.photo
     if photo is None:
-        with Image.open(job.photo_path) as img:
+        with open_image_file(job.photo_path, max_pixels=job.max_pixels) as img:  # refused before decoding
             img.load()
             photo = img
     size = target_size(photo.size, job.width, job.height)
@@ -288,8 +311,8 @@ def _depth_array(job: Job):
     """The job's depth map as an (H, W) array: the one given, or read from `depth_map_path`; None for neither."""
     if job.depth_map is not None or not job.depth_map_path:
         return job.depth_map
-    from .depth import read_depth_map
-    return read_depth_map(job.depth_map_path)
+    from .image_files import read_depth_map
+    return read_depth_map(job.depth_map_path, job.max_pixels)
 
 
 class _Progress(Observer):
@@ -330,7 +353,8 @@ class StageTimes(Observer):
 def generation_record(job: Job, *, sampler: str, size, device: str) -> dict:
     """The settings stored with each image (cli/png_metadata.py writes them as PNG text; `generate --from` reads them
     back): the job's settings, the sampler's AUTOMATIC1111 name, the images' `size`, the photo and depth map as full
-    paths (with the photo's SHA-256) and the checkpoint. Without the seed: `Result.records` adds each image's."""
+    paths (with the photo's SHA-256), the checkpoint and the depth model that made the depth (a name, a repo id or a
+    folder's full path). Without the seed: `Result.records` adds each image's."""
     from . import __version__
     folder = Path(job.model).expanduser()
     record = {"version": __version__, "prompt": job.prompt, "negative_prompt": job.negative_prompt,
@@ -341,10 +365,17 @@ def generation_record(job: Job, *, sampler: str, size, device: str) -> dict:
               "depth_map": str(Path(job.depth_map_path).resolve()) if job.depth_map_path else None,
               "model": str(folder.resolve()) if folder.is_dir() else job.model,
               "model_name": folder.resolve().name if folder.is_dir() else job.model.split("/")[-1],
+              "depth_model": _depth_model_name(job.depth_model),
               "variant": job.variant, "revision": job.revision, "dtype": job.dtype, "device": device}
     if job.mode == "ldm":
         record["mode"] = "ldm"  # restored by `generate --from`
     return record
+
+
+def _depth_model_name(name: str | None) -> str:
+    """The depth model as recorded: its name or repo id, a folder as its full path."""
+    folder = Path(name or "dpt-hybrid").expanduser()
+    return str(folder.resolve()) if name and folder.is_dir() else name or "dpt-hybrid"
 
 
 # ------------------------------------------------------------------------------------------------ the depth panel

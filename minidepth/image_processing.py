@@ -21,16 +21,20 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
+from .image_files import MAX_PIXELS, check_generation_size, check_max_pixels, open_image_file
+
 ImageInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor, list]
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
-def load_image(path: str | os.PathLike) -> PIL.Image.Image:
-    """Open an image file as RGB, with an error that names the file when it is missing or not an image."""
+def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> PIL.Image.Image:
+    """Open an image file as RGB, with an error that names the file when it is missing or not an image. A file above
+    16 x `max_pixels` pixels is refused from its header, before it is decoded (image_files.TooLarge, a ValueError):
+    the size policy of minidepth/image_files.py."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: {path}")
     try:
-        with PIL.Image.open(path) as img:
+        with open_image_file(path, max_pixels=max_pixels) as img:
             img.load()
             return to_rgb(img)
     except PIL.UnidentifiedImageError as e:
@@ -84,6 +88,25 @@ def check_image(image, name: str = "image") -> list:
             raise ValueError(f"{where} is {size[0]}x{size[1]} pixels; images must be at least 8x8 pixels")
         out.append(x)
     return out
+
+
+def check_image_size(image, max_pixels: int = MAX_PIXELS, name: str = "image") -> None:
+    """Refuse an image whose generation size is above `max_pixels` (image_files.TooLarge, a ValueError naming `name`,
+    the size and the limit), before any model runs: PIL images by their size, arrays and tensors by their last two
+    spatial sides, latents (4-channel tensors) by 8 x theirs. Anything else is left to `check_image`."""
+    max_pixels = check_max_pixels(max_pixels)
+    items = image if isinstance(image, (list, tuple)) else [image]
+    for i, x in enumerate(items):
+        if isinstance(x, PIL.Image.Image):
+            w, h = x.size
+        elif isinstance(x, np.ndarray) and x.ndim in (3, 4):
+            h, w = x.shape[-3:-1]
+        elif isinstance(x, torch.Tensor) and x.ndim in (3, 4):
+            h, w = (s * 8 if x.shape[-3] == 4 else s for s in x.shape[-2:])
+        else:
+            continue
+        where = f"`{name}`" if len(items) == 1 else f"`{name}[{i}]`"
+        check_generation_size((int(w), int(h)), where, max_pixels)
 
 
 def is_latents(image) -> bool:

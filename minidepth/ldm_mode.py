@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .image_processing import OUTPUT_TYPES, to_rgb
+from .models.dpt import DPTDepthModel
 from .noise import randn_tensor
 
 logger = logging.getLogger(__name__)
@@ -256,6 +257,10 @@ def generate_ldm(pipe, *, prompt=None, image=None, depth_map=None, strength=None
     num_train = pipe.scheduler.config["num_train_timesteps"]
     if n > num_train:
         raise ValueError(f"`num_inference_steps`={n} is more than the {num_train} training timesteps")
+    if not isinstance(pipe.depth_estimator, DPTDepthModel):
+        raise ValueError(f"mode='ldm' runs MiDaS DPT-Hybrid as the original script does (its own preprocessing and "
+                         f"LayerNorm eps); the depth slot holds a {type(pipe.depth_estimator).__name__}: use "
+                         "mode='diffusers' with another depth model")
     original = _single_image(image)
     device, dtype, vae_dtype = pipe.device, pipe.dtype, next(pipe.vae.parameters()).dtype
     batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]

@@ -33,6 +33,7 @@ from .fast_kernels import fast_kernels
 from .noise import randn_tensor
 from .observers import Observable
 from .checkpoints.components import load_components, save_components
+from .depth import CheckedAttribute, check_depth_estimator, check_feature_extractor
 from .pipeline_io import PipelineOutput, check_call_arguments, split_lora_scale
 
 logger = logging.getLogger(__name__)
@@ -54,16 +55,27 @@ class StableDiffusionDepth2ImgPipeline(AdaptersMixin, Observable):
         self.exact = os.environ.get("MINIDEPTH_EXACT", "0") not in ("", "0")
         self.observers = []  # see minidepth/observers.py
 
+    # The depth slot: any depth model of minidepth/depth.py's protocol, checked when assigned (TypeError/ValueError).
+    depth_estimator = CheckedAttribute(check_depth_estimator)
+    feature_extractor = CheckedAttribute(check_feature_extractor)
+
     # ------------------------------------------------------------------------------------------ loading and saving
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str = "sd2-community/stable-diffusion-2-depth", *,
                         torch_dtype: torch.dtype | None = None, variant: str | None = None,
                         revision: str | None = None, cache_dir: str | None = None, local_files_only: bool = False,
-                        device: str | torch.device | None = None) -> "StableDiffusionDepth2ImgPipeline":
+                        device: str | torch.device | None = None, depth_estimator=None,
+                        feature_extractor=None) -> "StableDiffusionDepth2ImgPipeline":
         """Load a checkpoint folder or Hub repo id (diffusers layout). Only needed files are downloaded:
-        safetensors preferred, the `variant="fp16"` files when asked."""
+        safetensors preferred, the `variant="fp16"` files when asked.
+
+        The depth slot (minidepth/depth.py): `depth_estimator` replaces the checkpoint's DPT-Hybrid, which is then not
+        loaded: a model of the slot's protocol (used as given), or a name, folder or Hub repo id of
+        checkpoints/depth_models.py ("depth-anything-v2-small", ...; loaded in `torch_dtype` on `device`, with its own
+        preprocessing). `feature_extractor` replaces the preprocessing. Both are checked before anything loads."""
         return cls(**load_components(path_or_repo_id, dtype=torch_dtype, variant=variant, revision=revision,
-                                     cache_dir=cache_dir, local_files_only=local_files_only, device=device))
+                                     cache_dir=cache_dir, local_files_only=local_files_only, device=device,
+                                     depth_estimator=depth_estimator, feature_extractor=feature_extractor))
 
     @classmethod
     def from_single_file(cls, path: str, *, torch_dtype: torch.dtype | None = None,
@@ -363,13 +375,16 @@ class StableDiffusionDepth2ImgPipeline(AdaptersMixin, Observable):
                  output_type: str = "pil", return_dict: bool = True, cross_attention_kwargs: dict | None = None,
                  clip_skip: int | None = None, callback_on_step_end: Callable | None = None,
                  callback_on_step_end_tensor_inputs: list[str] = ("latents",), nan_safe_depth: bool = True,
-                 mode: str = "diffusers", **kwargs):
+                 mode: str = "diffusers", max_pixels: int = image_processing.MAX_PIXELS, **kwargs):
         """Generate images that keep `image`'s depth layout. Arguments and defaults are diffusers' (strength 0.8,
         guidance_scale 7.5); the extra `nan_safe_depth=True` makes a flat depth map give a flat (zero) depth channel
         instead of the reference's NaN. `mode="ldm"` follows Stability's original script instead (strength 0.9,
-        guidance_scale 9.0, padding, LDM's DDIM; `crop_padding=True` crops the padding back): minidepth/ldm_mode.py."""
+        guidance_scale 9.0, padding, LDM's DDIM; `crop_padding=True` crops the padding back): minidepth/ldm_mode.py.
+        An image above `max_pixels` (2048 x 2048 by default; minidepth/image_files.py) is refused, before any model
+        runs, with a ValueError naming `image`, its size and the limit."""
+        image_processing.check_image_size(image, max_pixels)
         if mode != "diffusers":
-            call = {k: v for k, v in locals().items() if k not in ("self", "kwargs", "__class__")}
+            call = {k: v for k, v in locals().items() if k not in ("self", "kwargs", "__class__", "max_pixels")}
             from .ldm_mode import generate_ldm
             return generate_ldm(self, **call, **kwargs)
         strength = 0.8 if strength is None else strength

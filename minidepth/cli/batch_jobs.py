@@ -12,12 +12,15 @@ import os
 import re
 from pathlib import Path
 
-from .args import SCHEDULERS, CLIError
+from .args import SCHEDULERS, CLIError, to_integer, to_number
 
 JOB_FIELDS = ("image", "prompt", "negative_prompt", "seed", "steps", "strength", "guidance_scale", "scheduler",
-              "depth_map", "num_images", "name")
+              "depth_map", "num_images", "name", "depth_model")
 ALIASES = {"guidance": "guidance_scale"}
-NUMBERS = {"seed": int, "steps": int, "num_images": int, "strength": float, "guidance_scale": float}
+# the numeric fields: how they are read (JSON numbers or text; NaN, inf and 2.5 steps refused, naming the field)
+NUMBERS = {"seed": (to_integer, "an integer >= 0"), "steps": (to_integer, "an integer in [1, 1000]"),
+           "num_images": (to_integer, "an integer >= 1"), "strength": (to_number, "a number in [0, 1]"),
+           "guidance_scale": (to_number, "a finite number")}
 
 
 # ------------------------------------------------------------------------------------------------ reading jobs
@@ -60,12 +63,9 @@ def check_job(raw: dict, index: int, defaults: dict, jobs_file: Path) -> tuple[d
     try:
         if unknown:
             raise ValueError(f"unknown field(s) {', '.join(unknown)} (known: {', '.join(JOB_FIELDS)})")
-        for key, kind in NUMBERS.items():
-            if job.get(key) is not None and not isinstance(job[key], bool):
-                value = kind(job[key])
-                if kind is int and float(job[key]) != value:
-                    raise ValueError(f"{key} {job[key]!r} must be an integer")
-                job[key] = value
+        for key, (read, accepted) in NUMBERS.items():
+            if job.get(key) is not None:
+                job[key] = read(job[key], key, accepted)
         if not isinstance(job.get("prompt"), str):
             raise ValueError("prompt is required (a string)")
         if not isinstance(job.get("image"), str) or not job["image"]:
@@ -73,6 +73,11 @@ def check_job(raw: dict, index: int, defaults: dict, jobs_file: Path) -> tuple[d
         job["image"] = str(_resolve(job["image"], jobs_file))
         if job.get("depth_map"):
             job["depth_map"] = str(_resolve(job["depth_map"], jobs_file))
+        if job.get("depth_model") is not None:  # a name, a folder (beside the job file first) or a Hub repo id
+            if not isinstance(job["depth_model"], str):
+                raise ValueError(f"depth_model {job['depth_model']!r} must be a string (a name, folder or repo id)")
+            from ..checkpoints.depth_models import check_depth_model_name
+            job["depth_model"] = check_depth_model_name(str(_resolve(job["depth_model"], jobs_file)))
         _check_values(job)
         if job.get("seed") is None:
             job["seed"] = (defaults["base_seed"] + index) if defaults.get("base_seed") is not None \
@@ -114,22 +119,28 @@ def _check_values(job: dict) -> None:
 
 
 def _check_files(job: dict) -> None:
-    """The photo (and depth map) exist and decode."""
-    from PIL import Image
+    """The photo (and depth map) exist, are within the size policy (minidepth/image_files.py: a batch job is made
+    at its photo's size, so the photo must be within --max-pixels; checked from the file's header, before it is
+    decoded) and decode."""
+    from ..image_files import MAX_PIXELS, TooLarge, check_generation_size, open_image_file
     from .files import read_depth_map
+    max_pixels, name = job.get("max_pixels") or MAX_PIXELS, f"image {job['image']}"
     if not os.path.isfile(job["image"]):
         raise ValueError(f"image file not found: {job['image']}")
     try:
-        with Image.open(job["image"]) as img:
-            img.load()
+        with open_image_file(job["image"], name, max_pixels=max_pixels, raise_with="--max-pixels") as img:
             size = img.size
+            check_generation_size(size, name, max_pixels, "; resize the photo first, or raise --max-pixels")
+            img.load()
+    except TooLarge:
+        raise
     except (OSError, ValueError) as e:
         raise ValueError(f"image {job['image']} is not a readable image ({e})") from e
     if min(size) < 8:
         raise ValueError(f"image {job['image']} is {size[0]}x{size[1]} pixels; images must be at least 8x8")
     if job.get("depth_map"):
         try:
-            read_depth_map(job["depth_map"])
+            read_depth_map(job["depth_map"], max_pixels)
         except CLIError as e:
             raise ValueError(str(e).replace("--depth-map: ", "depth_map: ")) from e
 

@@ -33,10 +33,10 @@ from pathlib import Path
 
 from .args import (DEFAULT_MODEL, DTYPES, GENERATE_DEFAULTS, LDM_DEFAULTS, OPTION_OF,  # noqa: F401
                    SCHEDULER_TABLE, SCHEDULERS, SUBCOMMAND_MODULES, CLIError, build_parser,
-                   check_attention_slicing, check_generate, schedulers_table)
+                   check_attention_slicing, check_depth_model, check_generate, schedulers_table)
 from .files import (Console, check_outputs, compose_grid, once, open_image, planned_outputs, read_depth_map,
                     save_atomic)
-from .model import checkpoint_limits, detect_variant, hub_error, resolve_model
+from .model import checkpoint_limits, detect_variant, hub_error, resolve_depth_model, resolve_model
 from . import inside as inside_cli
 
 
@@ -102,6 +102,7 @@ def _settings(args) -> tuple[dict, dict, dict]:
     if s["prompt"] is None:
         raise CLIError("--prompt is required (or --from IMAGE.png); pass --prompt \"\" for none", code=2)
     check_generate(s, args.num_images)
+    s["depth_model"] = check_depth_model(s["depth_model"])  # a name, folder or repo id: offline, before any model
     return s, restored, given
 
 
@@ -119,7 +120,8 @@ def _plan(args, s: dict, photos: list, depth_array, console: Console) -> list:
                   negative_prompt=s["negative_prompt"], width=s["width"], height=s["height"],
                   strength=s["strength"], steps=s["steps"], guidance=s["guidance"], seed=s["seed"],
                   scheduler=s["scheduler"], eta=s["eta"], clip_skip=s["clip_skip"], depth_map=depth_array,
-                  depth_map_path=s["depth_map"], num_images=args.num_images, mode=s["mode"],
+                  depth_map_path=s["depth_map"], num_images=args.num_images, mode=s["mode"], max_pixels=args.max_pixels,
+                  depth_model=s["depth_model"],
                   crop_padding=args.crop_padding, variant=s["variant"], revision=s["revision"], dtype=s["dtype"])
         try:
             check(job, console.warn)
@@ -144,10 +146,10 @@ def cmd_generate(args, console: Console) -> int:
     # input files, outputs, the checkpoint's limits: all before torch is imported
     if "image" not in given and not os.path.isfile(s["image"][0]):
         raise CLIError(f"--from {args.from_png}: its photo {s['image'][0]} is not there; pass --image")
-    photos = [open_image(p, console) for p in s["image"]]
+    photos = [open_image(p, console, max_pixels=args.max_pixels) for p in s["image"]]  # big files: before decoding
     if restored.get("_sha256") and "image" not in given and _sha256(s["image"][0]) != restored["_sha256"]:
         console.warn(f"--from {args.from_png}: the photo {s['image'][0]} has changed since; the result will differ")
-    depth_array = read_depth_map(s["depth_map"]) if s["depth_map"] else None
+    depth_array = read_depth_map(s["depth_map"], args.max_pixels) if s["depth_map"] else None
     planned = _plan(args, s, photos, depth_array, console)
     if any(getattr(args, k, None) not in (None, False) for k in ("filmstrip", "filmstrip_every", "attention_maps")):
         for _, outputs in planned:  # only when asked: inside_cli imports torch for them, and checks come first
@@ -160,6 +162,7 @@ def cmd_generate(args, console: Console) -> int:
     if s["clip_skip"] is not None and s["clip_skip"] >= layers:
         raise CLIError(f"--clip-skip {s['clip_skip']}: must be in [0, {layers - 1}] (the text encoder has {layers} "
                        "layers)", code=2)
+    depth_model = resolve_depth_model(s["depth_model"], root)  # its config files, before any model loads
 
     from ..generation import StageTimes, generate, resolve_seed
     device = pick_device(args.device)
@@ -169,7 +172,7 @@ def cmd_generate(args, console: Console) -> int:
         raise CLIError("--cpu-offload: no cuda or mps device here; offloading needs an accelerator", code=2)
     t = time.perf_counter()
     pipe = load_pipeline(root, s["variant"], s["dtype"], "cpu" if args.cpu_offload else device, console,
-                         exact=args.exact, compile=args.compile)
+                         exact=args.exact, compile=args.compile, depth_model=depth_model)
     if args.cpu_offload:
         pipe.enable_model_cpu_offload(device)
     load_seconds = time.perf_counter() - t
@@ -223,13 +226,15 @@ def _write(args, result, outputs: dict, seen: dict) -> None:
 
 
 def load_pipeline(root: Path, variant: str | None, dtype: str, device: str, console: Console,
-                  exact: bool = False, compile: bool = False):
-    """The pipeline for a command; `exact` (`--exact`) adds to MINIDEPTH_EXACT, `compile` is `--compile`."""
+                  exact: bool = False, compile: bool = False, depth_model=None):
+    """The pipeline for a command; `exact` (`--exact`) adds to MINIDEPTH_EXACT, `compile` is `--compile`,
+    `depth_model` (a name or model.resolve_depth_model's source; None: the checkpoint's DPT) fills the depth slot."""
     import torch
     from ..pipeline import StableDiffusionDepth2ImgPipeline
     console.info(f"loading {root} ({dtype}) on {device}")
     pipe = StableDiffusionDepth2ImgPipeline.from_pretrained(
-        root, torch_dtype=getattr(torch, DTYPES[dtype]), variant=detect_variant(root, "unet", variant), device=device)
+        root, torch_dtype=getattr(torch, DTYPES[dtype]), variant=detect_variant(root, "unet", variant), device=device,
+        depth_estimator=depth_model)
     pipe.set_exact(exact or pipe.exact)
     if compile:
         pipe.compile()
@@ -238,28 +243,29 @@ def load_pipeline(root: Path, variant: str | None, dtype: str, device: str, cons
 
 # ------------------------------------------------------------------------------------------------ other commands
 def cmd_depth(args, console: Console) -> int:
-    photo = open_image(args.image, console)
+    photo = open_image(args.image, console, max_pixels=args.max_pixels)  # a big file: refused before decoding
     paths = [Path(args.out)] + ([Path(args.raw)] if args.raw else [])
     check_outputs(paths, args.overwrite)
     if args.raw and Path(args.raw).suffix.lower() != ".png":
         raise CLIError(f"--raw {args.raw}: the 16-bit depth map is written as PNG; use a .png name", code=2)
     warn_half_on_cpu(console, args.dtype, args.device)
-    root = resolve_model(args.model, variant=args.variant, revision=args.revision)
+    name = check_depth_model(args.depth_model)  # another model than the checkpoint's DPT needs no checkpoint
+    source = resolve_depth_model(name, None)
+    root = resolve_model(args.model, variant=args.variant, revision=args.revision) if source is None else None
     import torch
-    from ..depth import DPTImageProcessor, estimate_depth
+    from ..checkpoints.depth_models import DEFAULT, load_depth_model
+    from ..depth import estimate_depth
     from ..generation import depth_picture
     from ..image_processing import to_rgb
-    from .. import DPTDepthModel  # with its loading side (minidepth/checkpoints)
     device = pick_device(args.device)
     if args.device is None:
         warn_half_on_cpu(console, args.dtype, device)
-    variant = detect_variant(root, "depth_estimator", args.variant)
-    console.info(f"loading the depth model from {root} ({args.dtype}) on {device}")
-    model = DPTDepthModel.from_pretrained(root / "depth_estimator", variant=variant, device=device,
-                                          dtype=getattr(torch, DTYPES[args.dtype]))
-    processor = DPTImageProcessor.from_pretrained(root / "feature_extractor")
+    variant = detect_variant(root, "depth_estimator", args.variant) if root is not None else None
+    console.info(f"loading the depth model {name} from {root or source.folder} ({args.dtype}) on {device}")
+    model, processor = load_depth_model(source or DEFAULT, checkpoint=root, variant=variant, device=device,
+                                        dtype=getattr(torch, DTYPES[args.dtype]))
     image = to_rgb(photo)
-    depth = estimate_depth(image, model, processor, exact=False)  # (1, 384, 384), larger = nearer; as generate
+    depth = estimate_depth(image, model, processor, exact=False)  # (1, h, w), larger = nearer; as generate
     save_atomic(depth_picture(depth, image.size), Path(args.out), args.overwrite)
     print(args.out)
     if args.raw:

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from ..console import Console  # noqa: F401  (the front ends' Console)
+from ..image_files import MAX_PIXELS
 from .args import CLIError
 
 MODE_NAMES = {"L": "a grey", "LA": "a grey + alpha", "La": "a grey + alpha", "P": "a palette",
@@ -31,16 +32,23 @@ def once(warn):
 
 
 # ------------------------------------------------------------------------------------------------ inputs
-def open_image(path: str, console: Console, option: str = "--image"):
+def open_image(path: str, console: Console, option: str = "--image", max_pixels: int = MAX_PIXELS,
+               limit: str = "--max-pixels"):
     """An image file as a loaded PIL image in its own mode (RGB conversion: `image_processing.to_rgb`, later), with
-    a warning when it is not 8-bit RGB; CLIError naming the option when it is missing or unreadable."""
-    from PIL import Image, UnidentifiedImageError
+    a warning when it is not 8-bit RGB; CLIError naming the option when it is missing or unreadable, or above the
+    size policy's file limit (16 x `max_pixels` pixels: refused from its header, before it is decoded; `limit` names
+    how the limit is raised)."""
+    from PIL import UnidentifiedImageError
+
+    from ..image_files import TooLarge, open_image_file
     if not os.path.isfile(path):
         raise CLIError(f"{option}: image file not found: {path}")
     try:
-        with Image.open(path) as img:
+        with open_image_file(path, f"{option} {path}", max_pixels=max_pixels, raise_with=limit) as img:
             sixteen_bit_rgb = img.mode == "RGB" and any(";16" in str(t.args) for t in img.tile)
             img.load()
+    except TooLarge as e:
+        raise CLIError(str(e)) from e
     except UnidentifiedImageError as e:
         raise CLIError(f"{option}: {path} is not a readable image ({e})") from e
     except (OSError, ValueError) as e:  # truncated files, bad headers
@@ -55,13 +63,14 @@ def open_image(path: str, console: Console, option: str = "--image"):
     return img
 
 
-def read_depth_map(path: str):
-    """`--depth-map FILE` -> (H, W) float32 numpy array (`depth.read_depth_map`), its errors as the option's."""
-    from ..depth import read_depth_map as read
+def read_depth_map(path: str, max_pixels: int = MAX_PIXELS):
+    """`--depth-map FILE` -> (H, W) float32 numpy array (`depth.read_depth_map`, torch-free: image_files.py), its
+    errors as the option's (a file above 16 x `max_pixels` pixels is refused before it is decoded)."""
+    from ..image_files import read_depth_map as read
     try:
-        return read(path)
+        return read(path, max_pixels)
     except ValueError as e:
-        raise CLIError(f"--depth-map: {e}") from e
+        raise CLIError(f"--depth-map: {str(e).replace('`max_pixels`', '--max-pixels')}") from e
 
 
 # ------------------------------------------------------------------------------------------------ outputs

@@ -30,6 +30,9 @@ def add_parser(sub, formatter_class) -> None:
     t.add_argument("--size", default="512", metavar="N|WxH", help="image size: a side or WIDTHxHEIGHT (default 512)")
     t.add_argument("--model", metavar="DIR", help="read the configs of this checkpoint folder instead of the built-in "
                                                   "SD2-depth ones")
+    t.add_argument("--depth-model", metavar="NAME_OR_PATH",
+                   help="the depth model in the table: dpt-hybrid (default), depth-anything-v2-small|base|large "
+                        "(packaged configs, no network), a folder or a Hub repo id")
     t.add_argument("--markdown", action="store_true", help="print Markdown tables (for docs)")
     t.add_argument("--steps", type=int, default=50, help="scheduler steps of the generation totals (default 50)")
     t.add_argument("--strength", type=float, default=0.8, help="strength of the generation totals (default 0.8)")
@@ -63,8 +66,11 @@ def run(args, console=None) -> int:
         if missing:
             raise CLIError(f"--model {args.model}: not a checkpoint folder (no {', '.join(missing)}/)")
     from ..inside.tour import architecture_tour
-    tour = architecture_tour(size, args.model, steps=args.steps, strength=args.strength,
-                             guidance_scale=args.guidance)
+    try:  # a name, folder or repo id of checkpoints/depth_models.py, and a config minidepth runs
+        tour = architecture_tour(size, args.model, steps=args.steps, strength=args.strength,
+                                 guidance_scale=args.guidance, depth_model=args.depth_model)
+    except ValueError as e:
+        raise CLIError(f"--depth-model: {e}", code=2) from e
     print(tour.markdown() if args.markdown else tour.text())
     return 0
 

@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 
-from .args import DEFAULT_MODEL, CLIError
+from .args import DEFAULT_DEPTH_MODEL, DEFAULT_MODEL, CLIError
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -61,6 +61,20 @@ def resolve_model(model: str, *, variant: str | None = None, revision: str | Non
         return resolve_checkpoint(model, variant=variant, revision=revision)
     except Exception as e:  # not cached and offline, no connection, unknown repo, gated model, ...
         raise CLIError(f"--model: {hub_error(model, e)}") from e
+
+
+def resolve_depth_model(name: str | None, root: Path | None, option: str = "--depth-model"):
+    """--depth-model -> None for the checkpoint's own DPT, else a checked `depth_models.DepthModelSource` (config
+    files read, a Hub repo's fetched; no weights): CLIError before any model loads."""
+    if name is None or name == DEFAULT_DEPTH_MODEL:  # before any import: the checks before it need no torch
+        return None
+    from ..checkpoints.depth_models import HUB_REPOS, resolve_depth_model as resolve
+    try:
+        return resolve(name, checkpoint=root)
+    except ValueError as e:
+        raise CLIError(f"{option}: {e}", code=2) from e
+    except Exception as e:  # not cached and offline, no connection, unknown repo, ...
+        raise CLIError(f"{option}: {hub_error(HUB_REPOS.get(name, name), e)}") from e
 
 
 def checkpoint_limits(root: Path) -> tuple[int, int]:

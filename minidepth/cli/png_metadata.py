@@ -39,6 +39,8 @@ def parameters_text(settings: dict) -> str:
         fields["Clip skip"] = settings["clip_skip"] + 1  # A1111 counts the last layer as 1
     if settings.get("eta"):
         fields["Eta"] = settings["eta"]
+    if settings.get("depth_model") not in (None, "dpt-hybrid"):  # another depth model than SD2-depth's own
+        fields["Depth model"] = settings["depth_model"]
     fields["Version"] = f"minidepth {settings.get('version', '')}".strip()
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v is not None))
     return "\n".join(lines)
@@ -74,6 +76,8 @@ def parse_parameters_text(text: str) -> dict:
                 out[name] = convert(fields[key])
             except ValueError:
                 pass
+    if fields.get("Depth model"):
+        out["depth_model"] = fields["Depth model"]
     sampler = fields.get("Sampler", "").lower()
     if by_a1111.get(sampler):
         out["scheduler"] = by_a1111[sampler]
@@ -92,11 +96,27 @@ def png_info(settings: dict):
 
 
 def read_png_text(path) -> dict:
-    """The text chunks of an image file ({} for none); OSError/ValueError when it is not a readable image."""
+    """The text chunks of an image file ({} for none); OSError/ValueError when it is not a readable image. A file
+    above the size policy's file limit (minidepth/image_files.py) is not decoded: only the chunks before its pixels
+    are read, which is where minidepth and AUTOMATIC1111 write theirs."""
+    import warnings
+
     from PIL import Image
-    with Image.open(path) as img:
-        img.load()
-        return {k: v for k, v in getattr(img, "text", {}).items() if isinstance(v, str)}
+
+    from ..image_files import file_limit
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # nothing is decoded past the limit
+        try:
+            img = Image.open(path)
+        except Image.DecompressionBombError as e:
+            raise ValueError(str(e)) from e
+    with img:
+        if img.width * img.height > file_limit():
+            chunks = img.info
+        else:
+            img.load()  # text chunks after the pixels too
+            chunks = getattr(img, "text", {})
+        return {k: v for k, v in chunks.items() if isinstance(v, str)}
 
 
 def read_settings(path) -> tuple[dict, str | None]:

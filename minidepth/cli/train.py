@@ -6,7 +6,7 @@ import dataclasses
 import os
 
 from ..train.config import FORMATS, CROPS, PRECISIONS, SCHEDULES, TARGETS, TrainConfig, TrainError, check_config, check_outputs
-from .args import CLIError
+from .args import CLIError, depth_model_option, max_pixels_option
 
 
 def add_parser(sub, formatter_class) -> None:
@@ -61,10 +61,13 @@ def add_parser(sub, formatter_class) -> None:
                    help="CSV with step, loss, lr, seconds (under torchrun write --log-csv: torchrun's own parser "
                         "takes --log for its --log-dir)")
     p.add_argument("--plot", metavar="FILE.png", help="loss curve (default: <out stem>-loss.png; '' for none)")
-    p.add_argument("--depth-cache", metavar="DIR", help="estimated depth maps (default: <out stem>-depth-cache)")
+    p.add_argument("--depth-cache", metavar="DIR", help="estimated depth maps (default: <out stem>-depth-cache; "
+                                                        "kept per depth model)")
+    depth_model_option(p)
     p.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: cuda (LOCAL_RANK) when present")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    max_pixels_option(p)
 
 
 def config_from_args(args) -> TrainConfig:
@@ -82,7 +85,7 @@ def run(args, console) -> int:
         check_outputs(config)
         from ..train.data import scan_folder
         scan_folder(config.data, config.allow_empty_captions, console.warn if int(os.environ.get("RANK", "0")) == 0
-                    else None)
+                    else None, config.max_pixels)
         from ..train.state import check_resume
         if config.resume:
             check_resume(config)

@@ -152,7 +152,8 @@ class FilmstripRecorder(Observer):
         self.photo = image.detach().float().cpu() if image.shape[1] == 3 else None
 
     def _on_dpt(self, module, args, output) -> None:
-        self.depth = output.detach().float().cpu()  # (B, 384, 384), larger = nearer
+        from ..depth import depth_output
+        self.depth = depth_output(output, module).detach().float().cpu()  # (B, h, w), larger = nearer
 
     def depth_ready(self, pipe, *, depth_mask: torch.Tensor, depth_map_given: bool, **data) -> None:
         if depth_map_given or self.depth is None:

@@ -2,6 +2,7 @@
 
     from minidepth.inside.tour import architecture_tour
     tour = architecture_tour(size=512)        # SD2-depth presets; architecture_tour(model_dir=...) reads a checkpoint
+    architecture_tour(512, depth_model="depth-anything-v2-small")     # another model in the depth slot
     print(tour.text())                        # or tour.markdown(); `minidepth tour --size 512` prints the same
 
 Everything runs on torch's META device: the models are built without weights (no file, no network, no memory) and
@@ -16,6 +17,8 @@ The five models and how often a generation calls them (defaults: 50 steps, stren
     model            input of one call                              calls per generation
     text encoder     token ids (1, 77)                              2 with guidance (prompt, negative prompt), else 1
     depth (DPT)      pixels (1, 3, 384, 384): the feature extractor resizes every photo to 384x384
+                     (`depth_model=`: that model, at its preprocessing's size, e.g. Depth Anything V2 at 518 on the
+                     side closer to 518, multiples of 14; the packaged configs for its three names, no network)
     VAE encoder      image (1, 3, H, W)                             1
     UNet             latents + depth (B, 5, H/8, W/8), text (B, 77, 1024); B = 2 with guidance (the unconditional
                      and the conditional half in one batch), else 1.  One call per scheduler timestep after the
@@ -234,13 +237,30 @@ def unet_calls(scheduler_config: dict, steps: int, strength: float) -> tuple[int
     return steps - t_start, len(scheduler.timesteps[t_start * scheduler.order:])
 
 
+def _depth_tour(cfg: dict, depth_model: str | None, model_dir, height: int, width: int) -> ModelTour:
+    """The depth model's table: the checkpoint's DPT (or its presets), or `depth_model` of depth_models.py."""
+    from ..checkpoints import build_on_meta
+    from ..checkpoints.depth_models import DEFAULT, depth_model_class, depth_model_configs
+    kind, config, processor = "dpt", cfg["depth_estimator"], cfg["processor"]
+    if depth_model not in (None, DEFAULT):
+        kind, config, processor = depth_model_configs(depth_model, checkpoint=model_dir)
+    model = build_on_meta(lambda: depth_model_class(kind)(config))
+    dh, dw = processor.output_size(height, width)
+    expand = {"backbone", "backbone.resnet", "backbone.resnet.stages", "neck"} if kind == "dpt" else \
+        {"backbone", "neck"}
+    rows, total = measure(model, lambda: model(torch.empty(1, 3, dh, dw, device="meta")), ["backbone", "neck", "head"],
+                          expand)
+    name = "depth (DPT)" if kind == "dpt" else "depth (Depth Anything)"
+    return ModelTour(name, f"pixels (1, 3, {dh}, {dw})", rows, model.num_parameters(), total, 1)
+
+
 def architecture_tour(size: int | tuple[int, int] = 512, model_dir: str | Path | None = None, *, steps: int = 50,
-                      strength: float = 0.8, guidance_scale: float = 7.5) -> Tour:
-    """The table for a `size` (side, or (height, width)) image; presets unless `model_dir` (a checkpoint folder)."""
+                      strength: float = 0.8, guidance_scale: float = 7.5, depth_model: str | None = None) -> Tour:
+    """The table for a `size` (side, or (height, width)) image; presets unless `model_dir` (a checkpoint folder);
+    `depth_model`: a name, folder or repo id of checkpoints/depth_models.py in the depth slot (None: the DPT)."""
     from ..checkpoints import build_on_meta
     from ..models.autoencoder import AutoencoderKL
     from ..models.clip_text import CLIPTextModel
-    from ..models.dpt import DPTDepthModel
     from ..models.unet import UNet
     height, width = (size, size) if isinstance(size, int) else size
     cfg = _configs(model_dir)
@@ -258,11 +278,7 @@ def architecture_tour(size: int | tuple[int, int] = 512, model_dir: str | Path |
     models.append(ModelTour("text encoder", f"token ids (1, {n_tokens})", rows, text.num_parameters(), total,
                             2 if guided else 1))
 
-    dpt = build_on_meta(lambda: DPTDepthModel(cfg["depth_estimator"]))
-    dh, dw = cfg["processor"].output_size(height, width)
-    rows, total = measure(dpt, lambda: dpt(torch.empty(1, 3, dh, dw, **meta)), ["backbone", "neck", "head"],
-                          {"backbone", "backbone.resnet", "backbone.resnet.stages", "neck"})
-    models.append(ModelTour("depth (DPT)", f"pixels (1, 3, {dh}, {dw})", rows, dpt.num_parameters(), total, 1))
+    models.append(_depth_tour(cfg, depth_model, model_dir, height, width))
 
     vae = build_on_meta(lambda: AutoencoderKL(cfg["vae"]))
     f = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -292,8 +308,9 @@ def architecture_tour(size: int | tuple[int, int] = 512, model_dir: str | Path |
     for m in models:
         assert sum(r.params for r in m.rows) == m.params, f"{m.name}: rows do not cover every parameter"
         assert sum(r.flops for r in m.rows) == m.flops, f"{m.name}: rows do not add up to the FLOP counter"
+    source = str(model_dir or "SD2-depth presets") + (f", depth model {depth_model}" if depth_model else "")
     settings = {"steps": steps, "strength": strength, "guidance_scale": guidance_scale, "denoising_steps": denoising,
-                "scheduler": cfg["scheduler"].get("_class_name"), "source": str(model_dir or "SD2-depth presets")}
+                "scheduler": cfg["scheduler"].get("_class_name"), "source": source}
     return Tour((height, width), models, settings)
 
 

@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..image_files import MAX_PIXELS, check_max_pixels
+
 
 TARGETS = ("attn", "attn+ff", "all")
 SCHEDULES = ("cosine", "constant")
@@ -60,9 +62,13 @@ class TrainConfig:
     log: str | None = None              # CSV: step, loss, lr, seconds
     plot: str | None = None             # loss curve PNG; default: <out stem>-loss.png beside OUT ("" for none)
     depth_cache: str | None = None      # estimated depth maps; default: <out stem>-depth-cache beside OUT
+    depth_model: str | None = None      # estimates the depth maps (and is recorded): a name, folder or repo id of
+                                        # checkpoints/depth_models.py; None: "dpt-hybrid", the checkpoint's own
     format: str = "diffusers"           # diffusers or kohya
     allow_empty_captions: bool = False
     overwrite: bool = False
+    max_pixels: int = MAX_PIXELS        # the size policy (image_files.py): crops of at most this many pixels, image
+                                        # and depth files of at most 16 x as many (refused before decoding)
     device: str | None = None           # default: cuda:LOCAL_RANK when CUDA is present, else cpu
     progress: bool = True
 
@@ -107,6 +113,13 @@ def check_config(c: TrainConfig, world: int = 1) -> None:
 
     if not isinstance(c.resolution, int) or c.resolution < 8 or c.resolution % 8:
         bad("resolution", "a multiple of 8 (the autoencoder shrinks images 8 times), at least 8")
+    try:
+        check_max_pixels(c.max_pixels, "--max-pixels")
+    except ValueError as e:
+        raise TrainError(str(e), code=2) from e
+    if c.resolution ** 2 > c.max_pixels:
+        bad("resolution", f"at most {int(c.max_pixels ** 0.5)}: {c.resolution}x{c.resolution} crops are above "
+                          f"--max-pixels {c.max_pixels} (raise it for larger crops)")
     for name in ("steps", "batch_size", "grad_accum", "rank"):
         if not isinstance(getattr(c, name), int) or getattr(c, name) < 1:
             bad(name, "an integer >= 1")
@@ -135,6 +148,12 @@ def check_config(c: TrainConfig, world: int = 1) -> None:
         bad("save_every", "an integer >= 0 (0: no checkpoints)")
     if not isinstance(c.seed, int) or not 0 <= c.seed < 2 ** 63:
         bad("seed", "an integer >= 0")
+    if c.depth_model is not None:
+        from ..checkpoints.depth_models import check_depth_model_name
+        try:
+            check_depth_model_name(c.depth_model)
+        except ValueError as e:
+            raise TrainError(f"--depth-model: {e}", code=2) from e
     if c.batch_size % world:
         raise TrainError(f"--batch-size {c.batch_size} cannot be split evenly over {world} processes; use a multiple "
                          f"of {world} (each process takes batch_size / {world} samples per micro-step)")

@@ -27,6 +27,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..image_files import MAX_PIXELS
 from .config import TrainError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -63,8 +64,10 @@ def _metadata_captions(path: Path) -> dict[str, str]:
     return captions
 
 
-def scan_folder(folder, allow_empty_captions: bool = False, warn=None) -> list[Example]:
-    """The folder's examples, sorted by file name, all checked. `warn(message)` gets the warnings (None: silent)."""
+def scan_folder(folder, allow_empty_captions: bool = False, warn=None, max_pixels: int = MAX_PIXELS) -> list[Example]:
+    """The folder's examples, sorted by file name, all checked. `warn(message)` gets the warnings (None: silent).
+    An image or depth map above 16 x `max_pixels` pixels is refused from its header, before it is decoded (the size
+    policy of minidepth/image_files.py; training resizes the photos, so their own size is not limited otherwise)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise TrainError(f"--data {folder}: folder not found")
@@ -82,7 +85,7 @@ def scan_folder(folder, allow_empty_captions: bool = False, warn=None) -> list[E
                          "metadata.jsonl)")
     problems, uncaptioned, examples = [], [], []
     for path in images:
-        problem = _check_image(path)
+        problem = _check_image(path, max_pixels)
         if problem:
             problems.append(problem)
         caption = captions.get(path.relative_to(folder).as_posix()) if captions is not None else _read_caption(path)
@@ -91,7 +94,7 @@ def scan_folder(folder, allow_empty_captions: bool = False, warn=None) -> list[E
             caption = ""
         depth = path.with_name(path.stem + DEPTH_SUFFIX)
         if depth.is_file():
-            problem = _check_depth(depth)
+            problem = _check_depth(depth, max_pixels)
             if problem:
                 problems.append(problem)
         examples.append(Example(path, caption.strip(), depth if depth.is_file() else None))
@@ -113,12 +116,14 @@ def _read_caption(image: Path) -> str | None:
     return path.read_text(encoding="utf-8") if path.is_file() else None
 
 
-def _check_image(path: Path) -> str | None:
-    from PIL import Image
+def _check_image(path: Path, max_pixels: int = MAX_PIXELS) -> str | None:
+    from ..image_files import TooLarge, open_image_file
     try:
-        with Image.open(path) as img:
+        with open_image_file(path, str(path), max_pixels=max_pixels, raise_with="--max-pixels") as img:
             img.load()  # decodes everything: truncated and corrupt files fail here
             size = img.size
+    except TooLarge as e:
+        return str(e)
     except Exception as e:  # noqa: BLE001  (PIL raises OSError, ValueError, SyntaxError, ... for bad files)
         return f"{path}: not a readable image ({type(e).__name__}: {e})"
     if min(size) < 8:
@@ -126,12 +131,12 @@ def _check_image(path: Path) -> str | None:
     return None
 
 
-def _check_depth(path: Path) -> str | None:
-    from ..depth import read_depth_map
+def _check_depth(path: Path, max_pixels: int = MAX_PIXELS) -> str | None:
+    from ..image_files import read_depth_map
     try:
-        read_depth_map(str(path))
+        read_depth_map(path, max_pixels)
     except ValueError as e:
-        return str(e)
+        return str(e).replace("`max_pixels`", "--max-pixels")
     return None
 
 
@@ -217,24 +222,27 @@ def load_sample(example: Example, resolution: int, crop: str, generator, depth_c
 
 # ------------------------------------------------------------------------------------------------ depth maps
 class DepthCache:
-    """Depth maps of the whole photos: the user's NAME.depth.png, or the DPT's estimate, computed once and stored as
-    float32 .npy in `folder` (named by the image's content hash, so a changed photo is estimated again)."""
+    """Depth maps of the whole photos: the user's NAME.depth.png, or the depth model's estimate, computed once and
+    stored as float32 .npy in `folder`, named by the image's content hash (a changed photo is estimated again) and
+    the depth model's key (checkpoints.depth_models.depth_model_key: another model, other entries; the default
+    "dpt-hybrid" keeps the names of caches made before the depth slot existed)."""
 
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
+    def __init__(self, folder: Path, model_key: str = "dpt-hybrid"):
+        self.folder, self.model_key = Path(folder), model_key
         self._paths: dict[Path, Path] = {}
 
     def path(self, example: Example) -> Path:
         if example.image not in self._paths:
             digest = hashlib.sha256(example.image.read_bytes()).hexdigest()[:16]
-            self._paths[example.image] = self.folder / f"{example.image.stem}-{digest}.npy"
+            model = "" if self.model_key == "dpt-hybrid" else f"-{self.model_key}"
+            self._paths[example.image] = self.folder / f"{example.image.stem}-{digest}{model}.npy"
         return self._paths[example.image]
 
     def missing(self, examples: list[Example]) -> list[Example]:
         return [e for e in examples if e.depth is None and not self.path(e).is_file()]
 
     def estimate(self, examples: list[Example], pipe, progress: bool = False) -> None:
-        """Run the DPT on each photo without a depth map (as the pipeline does) and store the result atomically."""
+        """Run the pipeline's depth model on each photo without a depth map (as the pipeline does); store atomically."""
         import numpy as np
         import torch
         from tqdm.auto import tqdm

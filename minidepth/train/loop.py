@@ -29,6 +29,7 @@ from ..adapters import lora
 from ..console import Console
 from . import objective, state
 from .data import DepthCache, fingerprint, load_sample, sample_generator, sample_order, scan_folder
+from ..checkpoints.depth_models import depth_model_key
 from .config import TrainConfig, TrainError, check_config, check_outputs
 
 
@@ -72,11 +73,16 @@ def disable_gradient_checkpointing(unet) -> None:
 
 # ------------------------------------------------------------------------------------------------ setup
 def _load(config: TrainConfig, device: torch.device, console: Console):
-    if not isinstance(config.model, (str, os.PathLike)):
-        return config.model  # an already loaded pipeline
+    from ..checkpoints.depth_models import DEFAULT, load_depth_model
+    if not isinstance(config.model, (str, os.PathLike)):  # an already loaded pipeline; `depth_model` replaces its own
+        if config.depth_model not in (None, DEFAULT):
+            config.model.depth_estimator, config.model.feature_extractor = load_depth_model(config.depth_model,
+                                                                                            device=device)
+        return config.model
     from ..pipeline import StableDiffusionDepth2ImgPipeline
     console.info(f"loading {config.model} on {device}")
-    pipe = StableDiffusionDepth2ImgPipeline.from_pretrained(str(config.model), device=device)
+    pipe = StableDiffusionDepth2ImgPipeline.from_pretrained(str(config.model), device=device,
+                                                            depth_estimator=config.depth_model)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -102,7 +108,8 @@ def train_lora(config: TrainConfig | None = None, *, console: Console | None = N
         console = Console(console.prog, quiet=True)  # one process speaks (warnings included: they are the same)
     check_config(config, world)
     check_outputs(config)
-    examples = scan_folder(config.data, config.allow_empty_captions, console.warn if rank == 0 else None)
+    examples = scan_folder(config.data, config.allow_empty_captions, console.warn if rank == 0 else None,
+                           config.max_pixels)
     if config.resume:
         state.check_resume(config)
     device = _device(config, world, local_rank)
@@ -125,7 +132,7 @@ def _train(config: TrainConfig, examples, device, rank: int, world: int, console
     settings = state.run_settings(config, model_name, fingerprint(examples), scheduler.config.prediction_type)
     saved = state.check_resume(config, settings) if config.resume else None
 
-    cache = DepthCache(config.depth_cache_path)
+    cache = DepthCache(config.depth_cache_path, depth_model_key(config.depth_model))
     missing = cache.missing(examples)
     if missing and getattr(pipe, "depth_estimator", None) is None:
         raise TrainError(f"{len(missing)} photo(s) need a depth map ({missing[0].image.name}, ...) but the pipeline has "

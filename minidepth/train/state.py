@@ -109,8 +109,9 @@ def find_checkpoint(path) -> Path:
 
 
 def run_settings(config: TrainConfig, model_name: str, data_fingerprint: str | None, prediction_type=None) -> dict:
+    from ..checkpoints.depth_models import depth_model_key
     return {**config.result_settings(), "model": model_name, "data": data_fingerprint,
-            "prediction_type": prediction_type}
+            "prediction_type": prediction_type, "depth_model": depth_model_key(config.depth_model)}
 
 
 def check_resume(config: TrainConfig, settings: dict | None = None) -> dict:
@@ -124,7 +125,7 @@ def check_resume(config: TrainConfig, settings: dict | None = None) -> dict:
     mine = settings or config.result_settings()
     keys = RESULT_FIELDS if settings is None else list(settings)
     diffs = [f"{k}: checkpoint {saved['settings'].get(k)!r}, now {mine[k]!r}" for k in keys
-             if saved["settings"].get(k) != mine[k]]
+             if {"depth_model": "dpt-hybrid", **saved["settings"]}.get(k) != mine[k]]  # (runs from before the slot)
     if diffs:
         raise TrainError(f"--resume {folder} is from a run with other settings; resume with the same ones "
                          f"({'; '.join(diffs)})")
