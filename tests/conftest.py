@@ -1,7 +1,9 @@
 """Test tiers and shared fixtures.
 
 - default: tiny-config unit and parity tests (seconds each);
-- `official`: the real SD2-depth architecture sizes (random weights), slower; CI runs them too;
+- `official`: the real SD2-depth architecture sizes (random weights), slower; CI runs them too. They hold one
+  official-size model or pipeline at a time (a pipeline is ~5.5 GB in float32): the reference's outputs first, its
+  model freed (`del` + `gc.collect()`), then minidepth's (CI's budget for the whole run: 12 GB peak RSS);
 - `gpu`: needs CUDA, skipped without it (the same parity checks on the accelerator).
 
 Checkpoints are built by `tests/factory.py` once per session (or once per `MINIDEPTH_TEST_CACHE` folder).

@@ -230,7 +230,8 @@ def component_folder(size: str, name: str) -> Path:
 
 def pipeline_pair(folder):
     """minidepth's and diffusers' pipelines on the same checkpoint folder, progress bars off, minidepth in exact mode
-    (diffusers' kernels: bit-identical images; the fast kernels have their own tests) - for parity tests."""
+    (diffusers' kernels: bit-identical images; the fast kernels have their own tests) - for parity tests. Both stay in
+    memory: for the tiny checkpoint; official-size tests load one pipeline at a time (~5.5 GB each in float32)."""
     from diffusers import StableDiffusionDepth2ImgPipeline as Reference
 
     from minidepth import StableDiffusionDepth2ImgPipeline

@@ -60,7 +60,7 @@ def test_pipeline_parity_on_cuda(cuda_pipes, scheduler):
                 for p in (ours, ref)]
     finally:
         ours.scheduler, ref.scheduler = saved
-    assert_close(*outs, what="cuda images")
+    assert_close(*outs, tol=1e-4, what="cuda images")  # the bound for images (module docstring)
 
 
 def test_cpu_generator_with_cuda_pipeline_matches_cpu_run(cuda_pipes, tiny_checkpoint):

@@ -182,12 +182,14 @@ def test_one_step_equals_diffusers_and_peft(tiny_checkpoint, dataset, depth_cach
             ours[f"{component}.{path}.down"] = layer.lora[objective.ADAPTER].down.grad
             ours[f"{component}.{path}.up"] = layer.lora[objective.ADAPTER].up.grad
     ref_loss, ref_grads = reference_step(tiny_checkpoint, config, examples, order, prediction_type, values)
-    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item()), (loss.item(), ref_loss.item())
+    # the same kernels in the same order on both sides (autograd runs the exact kernels): bit for bit (measured 0 with
+    # AVX-512 and AVX2 kernels)
+    assert loss.item() == ref_loss.item(), (loss.item(), ref_loss.item())
     scale = max(g.abs().max().item() for g in ref_grads.values())
     worst = max((ours[k] - ref_grads[k]).abs().max().item() / scale for k in ref_grads)
     print(f"\n{prediction_type} snr_gamma={snr_gamma} {extra}: loss {loss.item():.6f}, relative difference "
           f"{abs(loss.item() - ref_loss.item()) / abs(ref_loss.item()):.1e}; gradients {worst:.1e}")
-    assert worst <= 1e-5, f"LoRA gradients differ by {worst:.2e} (relative to the largest)"
+    assert worst == 0, f"LoRA gradients differ by {worst:.2e} (relative to the largest)"
     assert all(ours[k].abs().max() > 0 for k in ours), "every LoRA tensor should get a gradient"
     if config.train_text_encoder:
         assert any(k.startswith("text_encoder.") for k in ours)
@@ -269,6 +271,7 @@ def test_forty_steps_lower_the_loss_and_the_file_loads_in_diffusers(tiny_checkpo
     tensors = lora_tensors(tmp_path / "style.safetensors")
     assert any(k.startswith("text_encoder.") for k in tensors) and any(".conv1.lora_A" in k for k in tensors)
     ours = StableDiffusionDepth2ImgPipeline.from_pretrained(tiny_checkpoint)
+    ours.set_exact(True)  # diffusers' kernels: its images bit for bit (the fast kernels: test_fast_kernels.py)
     ref = Reference.from_pretrained(tiny_checkpoint)
     for p in (ours, ref):
         p.set_progress_bar_config(disable=True)
@@ -278,11 +281,16 @@ def test_forty_steps_lower_the_loss_and_the_file_loads_in_diffusers(tiny_checkpo
     mine, theirs = generate(ours, tmp_path / "style.safetensors", image), generate(ref, tmp_path / "style.safetensors",
                                                                                      image)
     assert np.abs(mine - base).max() > 1e-2, "the trained LoRA should change the image"
-    assert_close(mine, theirs, 1e-5, "trained LoRA: minidepth vs diffusers")
+    assert_close(mine, theirs, 0, "trained LoRA: minidepth vs diffusers")
     state.write_lora(tmp_path / "kohya.safetensors", result.pipeline.unet, result.pipeline.text_encoder, "kohya")
     assert all(k.startswith(("lora_unet_", "lora_te_")) for k in lora_tensors(tmp_path / "kohya.safetensors"))
-    assert_close(generate(ref, tmp_path / "kohya.safetensors", image), mine, 1e-5, "kohya format in diffusers")
-    assert_close(generate(ours, tmp_path / "kohya.safetensors", image), mine, 1e-5, "kohya format in minidepth")
+    # diffusers itself gives another image for the kohya file than for the same LoRA in its own format: its kohya path
+    # keeps the LoRA tensors at other memory alignments (same values, same layout), and MKL then runs other kernels
+    # for the LoRA products -- another fp32 summation order, ~sqrt(K) eps relative per layer, compounded over the
+    # UNet's layers and 3 steps. Measured 3.9e-6 (AVX-512 kernels) and 5.7e-6 (AVX2). A wrong conversion (a layer
+    # missing, transposed or mismatched) changes the image by a part of the LoRA's own effect (> 1e-2, asserted above).
+    assert_close(generate(ref, tmp_path / "kohya.safetensors", image), mine, 1e-4, "kohya format in diffusers")
+    assert_close(generate(ours, tmp_path / "kohya.safetensors", image), mine, 0, "kohya format in minidepth")
 
 
 def test_resume_equals_the_uninterrupted_run(tiny_checkpoint, dataset, depth_cache, tmp_path):
@@ -297,7 +305,7 @@ def test_resume_equals_the_uninterrupted_run(tiny_checkpoint, dataset, depth_cac
     difference = max_relative_difference(lora_tensors(tmp_path / "resumed.safetensors"),
                                          lora_tensors(tmp_path / "whole.safetensors"))
     print(f"\nresumed at step 3 vs uninterrupted: max relative difference {difference:.1e}")
-    assert difference <= 1e-6
+    assert difference == 0  # the same process, kernels and draws: bit for bit (measured 0, AVX-512 and AVX2)
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in whole.history]
     assert (tmp_path / "resumed.csv").read_text().count("\n") == 7  # the resumed log has all 6 steps
     info = json.loads((tmp_path / "checkpoints" / "step-000003" / "state.json").read_text())
@@ -395,17 +403,33 @@ def cli_settings(checkpoint, dataset, depth_cache, **options):
 def test_torchrun_two_processes_give_the_same_lora_as_one(tiny_checkpoint, dataset, depth_cache, tmp_path):
     # 128 pixels: at 64 the tiny UNet's lowest level is 1x1, where its GroupNorms (1-2 channels a group) make some
     # gradients zero up to rounding, and Adam turns that rounding noise into whole steps (see README)
-    args = cli_settings(tiny_checkpoint, dataset, depth_cache, **{"--resolution": 128, "--steps": 3,
+    steps, lr = 3, 1e-3
+    args = cli_settings(tiny_checkpoint, dataset, depth_cache, **{"--resolution": 128, "--steps": steps, "--lr": lr,
                         "--grad-accum": 2, "--train-text-encoder": None, "--crop": "random", "--caption-dropout": 0.3})
     cli([*args, "--out", tmp_path / "one.safetensors", "--log-csv", tmp_path / "one.csv"])
     cli([*args, "--out", tmp_path / "two.safetensors", "--log-csv", tmp_path / "two.csv"], torchrun=True)
     one, two = lora_tensors(tmp_path / "one.safetensors"), lora_tensors(tmp_path / "two.safetensors")
     assert any(k.startswith("text_encoder.") for k in one)
-    difference = max_relative_difference(two, one)
-    print(f"\ntorchrun 2 processes vs 1: max relative difference {difference:.1e}")
-    assert difference <= 1e-4
-    loss = [[float(r.split(",")[1]) for r in (tmp_path / f"{n}.csv").read_text().splitlines()[1:]] for n in ("one", "two")]
-    assert np.allclose(loss[0], loss[1], rtol=1e-4, atol=0)
+    assert set(one) == set(two)
+    difference = max((two[k] - one[k]).abs().max().item() for k in one)
+    loss = np.array([[float(r.split(",")[1]) for r in (tmp_path / f"{n}.csv").read_text().splitlines()[1:]]
+                     for n in ("one", "two")])
+    loss_difference = np.abs(loss[1] - loss[0]) / np.abs(loss[0])
+    print(f"\ntorchrun 2 processes vs 1: weights max abs difference {difference:.1e} = "
+          f"{difference / (steps * lr):.1e} of steps * lr; losses, relative: {loss_difference.max():.1e}")
+    # What the process count changes: each process runs batches of 1 instead of 2 (other kernel blocking) and DDP
+    # all-reduces the gradients (another summation order): fp32 rounding, a few eps (1.2e-7) of each gradient
+    # element's terms -- relatively large only where the terms cancel. AdamW moves a weight by at most ~lr a step
+    # (|m_hat / sqrt(v_hat)| <= ~1), so `steps` steps move it by at most steps * lr = 3e-3, and a rounding change of
+    # the gradient changes that by a fraction of it. Measured (AVX-512 and AVX2 kernels): 0.1-0.8% of steps * lr
+    # (3.3e-6 - 2.3e-5). A bug in the sharding or the all-reduce changes the gradients by O(1) and the weights by
+    # O(steps * lr): each process training on its own half (no DDP) or both on the same samples, 2 * steps * lr;
+    # gradients summed instead of averaged (seen only through the gradient clipping), 13%. Bound: 5% of steps * lr.
+    assert difference <= 0.05 * steps * lr
+    # The losses: the first step's is the same forward pass on the same weights (batch shape aside), later ones move
+    # with the weight differences above (measured: 0 at 8 digits); no DDP or the same samples on both processes
+    # change them by >= 2.9e-4.
+    assert loss_difference.max() <= 1e-4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one-loss.png", "one.csv", "one.safetensors",
                                                           "two-loss.png", "two.csv", "two.safetensors"]
 
@@ -435,5 +459,5 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(tiny_checkpoint, datase
     difference = max_relative_difference(lora_tensors(run / "lora.safetensors"),
                                          lora_tensors(tmp_path / "whole.safetensors"))
     print(f"\nkilled after {steps[-1]}, resumed: max relative difference to the uninterrupted run {difference:.1e}")
-    assert difference <= 1e-6
+    assert difference == 0  # one thread in both runs (OMP_NUM_THREADS=1): bit for bit (measured 0, AVX-512 and AVX2)
     assert (run / "run.csv").read_text().count("\n") == 25
