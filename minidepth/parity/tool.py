@@ -25,6 +25,7 @@ diffusers and transformers are needed only here (`pip install "minidepth[parity]
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -169,25 +170,36 @@ def _keymap(network: str, ours: torch.nn.Module, ref: torch.nn.Module):
     return folder_format(type(ours)).keymap_for(list(ref.state_dict()))
 
 
+def load_ours(model, dtype: str, device: str):
+    """minidepth's pipeline: a folder is loaded, an already loaded pipeline is used as it is."""
+    from ..pipeline import StableDiffusionDepth2ImgPipeline
+    pipe = model
+    if isinstance(model, (str, os.PathLike)):
+        pipe = StableDiffusionDepth2ImgPipeline.from_pretrained(model, torch_dtype=DTYPES[dtype], device=device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_reference(model, dtype: str, device: str):
+    """diffusers' pipeline: a folder is loaded, an already loaded pipeline is used as it is."""
+    pipe = model
+    if isinstance(model, (str, os.PathLike)):
+        from diffusers import StableDiffusionDepth2ImgPipeline as Reference
+        pipe = Reference.from_pretrained(model, dtype=DTYPES[dtype]).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def load_pipelines(model, reference_model, dtype: str, device: str):
     """(minidepth pipeline, diffusers pipeline): folders are loaded, already loaded pipelines are used as they are."""
-    from ..pipeline import StableDiffusionDepth2ImgPipeline
-    torch_dtype = DTYPES[dtype]
-    ours = model
-    if isinstance(model, (str, os.PathLike)):
-        ours = StableDiffusionDepth2ImgPipeline.from_pretrained(model, torch_dtype=torch_dtype, device=device)
-    ref = reference_model if reference_model is not None else model
-    if isinstance(ref, (str, os.PathLike)):
-        from diffusers import StableDiffusionDepth2ImgPipeline as Reference
-        ref = Reference.from_pretrained(ref, dtype=torch_dtype).to(device)
-    for pipe in (ours, ref):
-        pipe.set_progress_bar_config(disable=True)
-    return ours, ref
+    return (load_ours(model, dtype, device),
+            load_reference(reference_model if reference_model is not None else model, dtype, device))
 
 
-def _set_scheduler(ours, ref, name: str | None) -> None:
+def _set_scheduler(pipe, library, name: str | None) -> None:
     """`name`: a `minidepth generate --scheduler` name (e.g. "dpm++2m-karras") or a class name; None keeps the
-    checkpoint's own. Both sides get the same class with the same config."""
+    checkpoint's own. Each side gets that class of its `library` (minidepth.schedulers or diffusers) from its own
+    checkpoint's scheduler config with the same overrides, so both run the same schedule."""
     if name is None:
         return
     import diffusers
@@ -197,9 +209,7 @@ def _set_scheduler(ours, ref, name: str | None) -> None:
     cls, overrides = SCHEDULERS.get(name, (name, {}))
     if not hasattr(schedulers, cls) or not hasattr(diffusers, cls):
         raise ValueError(f"unknown scheduler {name!r}; one of: {', '.join(SCHEDULERS)}")
-    config = {**dict(ref.scheduler.config), **overrides}
-    ref.scheduler = getattr(diffusers, cls).from_config(config)
-    ours.scheduler = getattr(schedulers, cls).from_config(config)
+    pipe.scheduler = getattr(library, cls).from_config({**dict(pipe.scheduler.config), **overrides})
 
 
 def _compare_traces(ours: Trace, ref: Trace, tolerance: float) -> list[Stage]:
@@ -234,27 +244,45 @@ def compare(model, reference_model=None, *, image, prompt: str, negative_prompt:
     if tolerance is None:
         tolerance = max(default_tolerance(device, dtype), 1e-3 if fast else 0.0)
     photo = to_rgb(PIL.Image.open(image) if isinstance(image, (str, os.PathLike)) else image)
-    ours, ref = load_pipelines(model, reference_model, dtype, device)
-    saved = ours.scheduler, ref.scheduler  # given pipelines keep their own schedulers (and kernel mode)
-    saved_exact = ours.exact
-    ours.set_exact(not fast)  # exact: diffusers' kernels, so that every stage can be bit-identical
-    _set_scheduler(ours, ref, scheduler)
+    reference_model = model if reference_model is None else reference_model
     name = lambda x: str(x) if isinstance(x, (str, os.PathLike)) else type(x).__name__
-    s = {"model": name(model), "reference_model": name(model if reference_model is None else reference_model),
+    s = {"model": name(model), "reference_model": name(reference_model),
          "prompt": prompt, "negative_prompt": negative_prompt, "steps": steps,
          "strength": strength, "guidance_scale": guidance_scale, "eta": eta,
-         "scheduler": scheduler or type(ref.scheduler).__name__, "seed": seed, "dtype": dtype, "device": device,
+         "scheduler": scheduler, "seed": seed, "dtype": dtype, "device": device,
          "size": list(photo.size), "tolerance": tolerance, "kernels": "fast" if fast else "exact"}
-    try:
-        traces = [trace(pipe, photo, s, torch.Generator(device).manual_seed(seed))
-                  for trace, pipe in ((trace_minidepth, ours), (trace_diffusers, ref))]
-    finally:
-        ours.scheduler, ref.scheduler = saved
-        ours.set_exact(saved_exact)
+    # One pipeline in memory at a time when the tool loads them (two official-size pipelines are 11 GB): each is
+    # traced, and a loaded one is dropped before the next loads; given pipelines are used and kept as they are.
+    import diffusers
+
+    from .. import schedulers
+    traces, pipes = [], {}
+    for side, (load, tracer, library, source) in {
+            "ours": (load_ours, trace_minidepth, schedulers, model),
+            "ref": (load_reference, trace_diffusers, diffusers, reference_model)}.items():
+        pipe = load(source, dtype, device)
+        saved_scheduler, saved_exact = pipe.scheduler, getattr(pipe, "exact", None)
+        if side == "ours":
+            pipe.set_exact(not fast)  # exact: diffusers' kernels, so that every stage can be bit-identical
+        _set_scheduler(pipe, library, scheduler)
+        if side == "ref":
+            s["scheduler"] = scheduler or type(pipe.scheduler).__name__
+        try:
+            traces.append(tracer(pipe, photo, s, torch.Generator(device).manual_seed(seed)))
+        finally:
+            pipe.scheduler = saved_scheduler  # given pipelines keep their own schedulers (and kernel mode)
+            if side == "ours":
+                pipe.set_exact(saved_exact)
+        if not isinstance(source, (str, os.PathLike)):
+            pipes[side] = pipe
+        del pipe
+        gc.collect()
     stages = _compare_traces(*traces, tolerance)
     report = ParityReport(stages, s, versions, images=(traces[0].stages["image"], traces[1].stages["image"]))
     first = report.first_failure
-    if drill and first is not None and first.network is not None:
+    if drill and first is not None and first.network is not None:  # (re)load what a loaded side dropped
+        ours = pipes.get("ours") or load_ours(model, dtype, device)
+        ref = pipes.get("ref") or load_reference(reference_model, dtype, device)
         net_ours, net_ref = getattr(ours, first.network), getattr(ref, first.network)
         pairs = module_pairs(net_ours, net_ref, _keymap(first.network, net_ours, net_ref))
         report.drill = first_difference(net_ours, net_ref, traces[0].reruns[first.name], pairs,
