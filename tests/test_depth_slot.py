@@ -21,6 +21,7 @@ import pytest
 import torch
 from test_cli import photo
 from test_depth_anything import TINY, reference_folder
+from test_generation import pixels, png_text
 
 from minidepth import StableDiffusionDepth2ImgPipeline
 from minidepth.checkpoints import components
@@ -41,17 +42,6 @@ def same(ours, ref, what: str) -> None:
     diff = np.abs(ours - ref)
     print(f"{what}: max abs diff {diff.max():.3e}, mean {diff.mean():.3e}")
     assert diff.max() == 0, f"{what}: max abs diff {diff.max():.3e}, mean {diff.mean():.3e} (exact mode expects 0)"
-
-
-def pixels(path) -> np.ndarray:
-    with PIL.Image.open(path) as img:
-        return np.asarray(img).astype(np.int32)
-
-
-def png_text(path) -> dict:
-    with PIL.Image.open(path) as img:
-        img.load()
-        return dict(img.text)
 
 
 def record(path) -> dict:
