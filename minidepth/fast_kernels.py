@@ -33,6 +33,15 @@ about those defaults cost time (measured on a 2-core AMD EPYC, fp32, official SD
    256 -> 128 channel shortcut at 512x512, whose NCHW input oneDNN's convolution would first reorder.
 5. Where none of the above applies, a convolution of 128x128 positions or more runs in channels-last (NHWC) layout,
    which oneDNN reads and writes as it is (the VAE's 3-channel input: 99 -> 48 ms at 512x512).
+6. In between (the UNet's 16x16 latents) oneDNN reorders the weight into its blocked layout on every call, into
+   freshly allocated memory: for a 1280-channel 3x3 kernel (59 MB) that is 83 instead of 63 ms per call (2x1280x16x16).
+   Inside a `keep_transforms` block (the denoising loop) the largest of these weights are reordered once and kept
+   (`conv2d_prepacked`), up to PREPACK_BYTES per block: at 256x256 the four 16x16 convolutions with 960 or more input
+   channels (154 MB, ~50 ms per UNet call). Keeping every convolution weight would cost 2.3 GB; the budget keeps the
+   loop below the pipeline's peak memory, which the VAE decoder sets.
+7. With classifier-free guidance every step multiplies the same text embeddings by each cross-attention's key and
+   value weights. Tensors given as `constant_inputs` (the pipeline gives its prompt embeddings) have their products
+   with a weight computed once per block and kept: the same computation, so the same bits (~40 ms per UNet call).
 
 `fast_kernels()` is a context manager that routes `F.linear` and `F.conv2d` calls made inside it (by any module) to
 those kernels (and notes which tensors are nearest 2x upsamplings, for point 3), when they are CPU float32 inference calls (no autograd graph being recorded); every other call, and
@@ -59,6 +68,8 @@ HIGH_RES_POSITIONS = 128 * 128  # from this many positions on: channels-last con
 NNPACK_POSITIONS = 32 * 32  # 3x3 convolutions from this many positions per image on ...
 NNPACK_MIN_CHANNELS = 32  # ... with at least this many input channels: NNPACK's Winograd (point 1)
 NNPACK_CALL_BYTES = 16 << 20  # input per NNPACK call, larger images go in bands of rows: its workspace is ~3.6x this
+PREPACK_MIN_BYTES = 16 << 20  # a weight this large, convolved where none of the above applies, is prepacked ...
+PREPACK_BYTES = 160 << 20  # ... while a keep_transforms block has kept less than this many bytes of them (point 6)
 
 
 _blocks = threading.local()  # per open fast_kernels block of this thread: .kept (transform stores), .nnpack
@@ -78,17 +89,33 @@ def _give_back_free_memory() -> None:
         pass
 
 
-def _transformed(kind: str, weight: torch.Tensor, make):
-    """make(weight), a transform of a weight for a fast kernel (the folded upsampling kernels); inside a
-    `fast_kernels(keep_transforms=True)` block made once per weight and kept until the block ends."""
+class _Store(dict):
+    """What one keep_transforms block keeps: (kind, id(weight)) -> (weight, its state, transform); `budgeted`: the
+    bytes of the transforms counted against a budget (the prepacked weights)."""
+    budgeted = 0
+
+
+def _state(t: torch.Tensor) -> tuple:
+    """Changes when the tensor is changed in place (inference tensors have no version counter: their storage only)."""
+    return (None if t.is_inference() else t._version, t.data_ptr())
+
+
+def _transformed(kind, weight: torch.Tensor, make, budget: int | None = None):
+    """make(weight), a transform of a weight for a fast kernel (the folded upsampling kernels, the prepacked weights,
+    the products of constant inputs); inside a `fast_kernels(keep_transforms=True)` block made once per weight and
+    kind and kept until the block ends. With a `budget` (bytes) a new transform is only made while the block's
+    budgeted transforms take less: else None."""
     stores = getattr(_blocks, "kept", None)
     if not stores:
-        return make(weight)
-    key = (kind, id(weight))
-    state = (None if weight.is_inference() else weight._version, weight.data_ptr())  # (inference tensors: no version)
-    entry = stores[-1].get(key)
-    if entry is None or entry[0] is not weight or entry[1] != state:
-        entry = stores[-1][key] = (weight, state, make(weight))  # new or changed
+        return make(weight) if budget is None else None
+    store, key = stores[-1], (kind, id(weight))
+    entry = store.get(key)
+    if entry is None or entry[0] is not weight or entry[1] != _state(weight):  # new or changed
+        if budget is not None and entry is None:  # (a changed weight replaces its transform: same bytes)
+            if store.budgeted + weight.nbytes > budget:
+                return None
+            store.budgeted += weight.nbytes
+        entry = store[key] = (weight, _state(weight), make(weight))
     return entry[2]
 
 
@@ -217,7 +244,28 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> t
         x = x.contiguous(memory_format=torch.channels_last)  # no copy when it already is (our conv outputs are)
     else:  # NCHW: a channels-last input would make oneDNN copy the weight into NHWC on every call
         x = x.contiguous()
+        if weight.nbytes >= PREPACK_MIN_BYTES and x.dim() == 4 and not isinstance(padding, str):
+            out = conv2d_prepacked(x, weight, bias, stride, padding, dilation, groups)
+            if out is not None:
+                return out
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+def conv2d_prepacked(x, weight, bias, stride, padding, dilation, groups) -> torch.Tensor | None:
+    """F.conv2d by oneDNN with the weight reordered into oneDNN's blocked layout (for this input shape) once per
+    keep_transforms block (point 6); None outside such a block or when its PREPACK_BYTES are taken.
+    x (B, C, H, W) NCHW -> (B, O, Ho, Wo)."""
+    if not hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
+        return None
+    geometry = [list(padding), list(stride), list(dilation), groups]
+
+    def reorder(w):
+        return torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), *geometry, list(x.shape))
+    kind = ("prepacked", tuple(x.shape), *map(tuple, geometry[:3]), groups)
+    packed = _transformed(kind, weight, reorder, budget=PREPACK_BYTES)
+    if packed is None:
+        return None
+    return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, *geometry, "none", [], "")
 
 
 # Which input rows feed each output row of "nearest 2x upsample, then 3x3 convolution (padding 1)". Output row 2i
@@ -283,15 +331,16 @@ def upsample2x_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 class _FastKernels(TorchFunctionMode):
     """Routes F.linear / F.conv2d calls made while it is active to the kernels above (CPU fp32 inference only)."""
 
-    def __init__(self, keep_transforms: bool = False):
+    def __init__(self, keep_transforms: bool = False, constant_inputs: tuple = ()):
         super().__init__()
         self.keep_transforms = keep_transforms
+        self.constants = constant_inputs if keep_transforms else ()  # (point 7)
         # upsampled image -> the image it was upsampled from, while the upsampled one lives (point 3)
         self.upsampled = torch.utils.weak.WeakIdKeyDictionary()
 
     def __enter__(self):
         if self.keep_transforms:
-            _blocks.kept = [*getattr(_blocks, "kept", []), {}]
+            _blocks.kept = [*getattr(_blocks, "kept", []), _Store()]
         # NNPACK's convolutions run on a thread of this block (started at the first one): torch's wrapper keeps
         # NNPACK's workspace, up to 3.6 x NNPACK_CALL_BYTES, per thread until the thread ends; this one ends with
         # the block. (Kept on the caller's thread it added 0.6 GB to the resident memory of a 512x512 run.)
@@ -316,6 +365,8 @@ class _FastKernels(TorchFunctionMode):
                     folded = _folded_conv(self.upsampled[args[0]], *args[1:], **kwargs)
                     if folded is not None:
                         return folded
+                if func is F.linear and any(args[0] is c for c in self.constants):
+                    return constant_product(*args, **kwargs)
                 return (linear if func is F.linear else conv2d)(*args, **kwargs)
         if func is F.interpolate and args and isinstance(args[0], torch.Tensor):
             out = func(*args, **kwargs)
@@ -323,6 +374,16 @@ class _FastKernels(TorchFunctionMode):
                 self.upsampled[out] = args[0]  # the small image, for the convolution that reads `out` (if any)
             return out
         return func(*args, **kwargs)
+
+
+def constant_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """linear(x, weight, bias) for an input that stays the same over the block (point 7): computed once per weight
+    and kept; computed again when x, the weight or the bias changed in place, or the kept result was."""
+    kind = ("product", id(x), _state(x), None if bias is None else (id(bias), _state(bias)))
+    kept = _transformed(kind, weight, lambda w: (lambda y: (y, _state(y)))(linear(x, w, bias)))
+    if _state(kept[0]) != kept[1]:  # someone changed the result in place: not ours to hand out again
+        return linear(x, weight, bias)
+    return kept[0]
 
 
 def _folded_conv(small: torch.Tensor, weight: torch.Tensor, bias=None, stride=1, padding=0, dilation=1, groups=1):
@@ -336,11 +397,17 @@ def _folded_conv(small: torch.Tensor, weight: torch.Tensor, bias=None, stride=1,
     return None
 
 
-def fast_kernels(enabled: bool = True, keep_transforms: bool = False):
+def fast_kernels(enabled: bool = True, keep_transforms: bool = False, constant_inputs: tuple = ()):
     """`with fast_kernels(): model(x)`. `enabled=False` (or no oneDNN in this torch) gives a context that does nothing.
 
     `keep_transforms=True`: the weight transforms (the folded upsampling kernels, 16/9 the size of the 3x3 kernel)
     are made once per weight and kept until the block ends, for blocks that call a model many times with the same
     weights: the denoising loop. Their memory (131 MB for the UNet at 64x64 latents, 26 MB at 32x32) is held
-    meanwhile; a weight changed in place (a fused LoRA) gets new transforms."""
-    return _FastKernels(keep_transforms) if enabled and available() else contextlib.nullcontext()
+    meanwhile; a weight changed in place (a fused LoRA) gets new transforms. So do the largest convolution weights
+    at the UNet's middle resolutions, prepacked up to PREPACK_BYTES (point 6).
+
+    `constant_inputs` (with keep_transforms): tensors that stay the same over the block, such as the text embeddings
+    of a denoising loop; their products with a weight (`F.linear`) are computed once and kept (point 7)."""
+    if enabled and available():
+        return _FastKernels(keep_transforms, tuple(constant_inputs))
+    return contextlib.nullcontext()

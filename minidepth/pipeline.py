@@ -168,13 +168,15 @@ class StableDiffusionDepth2ImgPipeline(AdaptersMixin, Observable):
         self.unet.compile(**options)
 
     @contextlib.contextmanager
-    def _running(self, model: torch.nn.Module, stage: str, lora: float | None = None):
+    def _running(self, model: torch.nn.Module, stage: str, lora: float | None = None, constants: tuple = ()):
         """Run `model` for the duration of the block, announced to observers as `stage`: with the fast kernels unless
-        `set_exact(True)`, its LoRA adapters at strength `lora` (the call's cross_attention_kwargs["scale"]), and
-        with CPU offload on, on the accelerator (back on the CPU after)."""
+        `set_exact(True)` (for the UNet keeping its weight transforms and its products of `constants` over the
+        loop), its LoRA adapters at strength `lora` (the call's cross_attention_kwargs["scale"]), and with CPU
+        offload on, on the accelerator (back on the CPU after)."""
         compiled = getattr(model, "_compiled_call_impl", None) is not None  # see compile()
         with self.stage(stage), lora_scale(model, lora), \
-                fast_kernels(enabled=not self.exact and not compiled, keep_transforms=model is self.unet):
+                fast_kernels(enabled=not self.exact and not compiled, keep_transforms=model is self.unet,
+                             constant_inputs=constants):
             if self._offload_device is None:
                 yield model
                 return
@@ -316,7 +318,7 @@ class StableDiffusionDepth2ImgPipeline(AdaptersMixin, Observable):
         num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
         lora, cross_attention_kwargs = split_lora_scale(cross_attention_kwargs)  # strength -> adapters.lora_scale
         self.announce("denoising_started", latents=latents, timesteps=timesteps, guidance_scale=guidance_scale)
-        with self._running(self.unet, "denoise", lora), \
+        with self._running(self.unet, "denoise", lora, constants=(prompt_embeds,)), \
                 tqdm(total=num_inference_steps, **self._progress_bar_config) as bar:
             for i, t in enumerate(timesteps):
                 x = torch.cat([latents] * 2) if do_cfg else latents  # (2B, 4, h, w) with guidance

@@ -175,6 +175,53 @@ def test_kept_transforms_are_reused_until_the_weight_changes(inference_weights):
                                b, padding=1), 1e-5, "kept transforms", relative=True)
 
 
+@pytest.mark.parametrize("shape,stride,padding", [((2, 16, 12, 12), 1, 1), ((2, 16, 24, 23), 2, 1),
+                                                  ((1, 16, 14, 14), 1, 0)])
+def test_prepacked_convolutions_within_the_budget(shape, stride, padding, monkeypatch):
+    """keep_transforms=True: weights of PREPACK_MIN_BYTES or more, convolved between the matrix-product and the NNPACK
+    resolutions, are reordered once into oneDNN's layout while the block has kept less than PREPACK_BYTES; the rest
+    run as before. Either way the result is F.conv2d's within rounding (the geometry arguments in the right order)."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(*shape, generator=g)
+    weights = [torch.randn(12, shape[1], 3, 3, generator=g) for _ in range(3)]
+    b = torch.randn(12, generator=g)
+    monkeypatch.setattr(fk, "PREPACK_MIN_BYTES", weights[0].nbytes)
+    monkeypatch.setattr(fk, "PREPACK_BYTES", 2 * weights[0].nbytes)  # room for two of the three
+    with torch.no_grad(), fk.fast_kernels(keep_transforms=True):
+        fast = [F.conv2d(x, w, b, stride, padding) for w in weights * 2]
+        kept = [key for key in fk._blocks.kept[-1] if key[0][0] == "prepacked"]
+        assert [k[1] for k in kept] == [id(w) for w in weights[:2]] and fk._blocks.kept[-1].budgeted == 2 * weights[0].nbytes
+    for i, w in enumerate(weights * 2):
+        assert_near(fast[i], F.conv2d(x, w, b, stride, padding), 1e-5, f"prepacked conv2d {shape} s{stride}",
+                    relative=True)
+    with torch.no_grad(), fk.fast_kernels():  # no block that keeps: nothing prepacked
+        assert fk.conv2d_prepacked(x, weights[0], b, (1, 1), (1, 1), (1, 1), 1) is None
+
+
+def test_products_of_constant_inputs_are_computed_once():
+    """constant_inputs (the pipeline's text embeddings over the denoising loop): F.linear of them is computed once
+    per weight and handed out again, bit-identical; again after an in-place change of the input, the weight or the
+    kept result; other inputs, and blocks that keep nothing, are not kept."""
+    g = torch.Generator().manual_seed(9)
+    context, other = torch.randn(2, 7, 16, generator=g), torch.randn(2, 7, 16, generator=g)
+    w, b = torch.randn(24, 16, generator=g), torch.randn(24, generator=g)
+    with torch.no_grad(), fk.fast_kernels(keep_transforms=True, constant_inputs=(context,)):
+        first = F.linear(context, w, b)
+        assert F.linear(context, w, b) is first and F.linear(other, w, b) is not F.linear(other, w, b)
+        assert torch.equal(first, fk.linear(context, w, b))  # the same computation: 0 difference
+        context.mul_(2)
+        second = F.linear(context, w, b)
+        assert second is not first and torch.equal(second, fk.linear(context, w, b))
+        w.add_(1)
+        third = F.linear(context, w, b)
+        assert third is not second and torch.equal(third, fk.linear(context, w, b))
+        third.zero_()  # a caller changed the result in place: a fresh one next time
+        assert torch.equal(F.linear(context, w, b), fk.linear(context, w, b))
+    with torch.no_grad(), fk.fast_kernels(constant_inputs=(context,)):  # no keep_transforms: nothing kept
+        assert F.linear(context, w, b) is not F.linear(context, w, b)
+    assert_near(F.linear(context, w, b), fk.linear(context, w, b), 1e-5, "constant product", relative=True)
+
+
 def test_autograd_and_other_dtypes_run_the_exact_kernels():
     g = torch.Generator().manual_seed(3)
     x, w = torch.randn(5, 8, generator=g), torch.randn(4, 8, generator=g, requires_grad=True)
@@ -232,9 +279,18 @@ def test_every_scheduler_fast_vs_exact(pipe, scheduler, monkeypatch):
     """128x128 images, so that every fast path runs: im2col at the UNet's 4x4 level, folded upsampling in the UNet
     (its kernels kept over the steps) and the VAE, upsampling + NNPACK for the VAE's last upsampler, channels-last
     and 1x1 convolutions, NNPACK in the VAE (in bands: NNPACK_CALL_BYTES lowered to 256 kB) and, its threshold
-    lowered, in the UNet's 16x16 level (the two guidance halves stacked)."""
+    lowered, in the UNet's 16x16 level (the two guidance halves stacked), prepacked weights (the size threshold
+    lowered) and the text embeddings' key and value products kept over the steps."""
     monkeypatch.setattr(fk, "NNPACK_POSITIONS", 16 * 16)
     monkeypatch.setattr(fk, "NNPACK_CALL_BYTES", 256 << 10)
+    monkeypatch.setattr(fk, "PREPACK_MIN_BYTES", 0)  # every in-between convolution prepacked over the loop
+    used = {"prepacked": 0, "product": 0}
+    for kernel, name in ((fk.conv2d_prepacked, "prepacked"), (fk.constant_product, "product")):
+        def counted(*args, _kernel=kernel, _name=name, **kwargs):
+            out = _kernel(*args, **kwargs)
+            used[_name] += out is not None
+            return out
+        monkeypatch.setattr(fk, kernel.__name__, counted)
     name, overrides = scheduler
     saved = pipe.scheduler
     pipe.scheduler = getattr(schedulers, name).from_config({**dict(saved.config), **overrides})
@@ -244,6 +300,7 @@ def test_every_scheduler_fast_vs_exact(pipe, scheduler, monkeypatch):
             generator=torch.Generator().manual_seed(0)).images)
     finally:
         pipe.scheduler = saved
+    assert used["prepacked"] > 0 and used["product"] > 0, used
     assert_near(fast, exact, 1e-3, f"images, {name}{overrides or ''}")
 
 
