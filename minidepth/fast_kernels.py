@@ -137,16 +137,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def conv2d_as_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding,
                      out_size: tuple[int, int]) -> torch.Tensor:
-    """A convolution as im2col + one matrix product (point 2 above).
+    """A convolution as im2col + one matrix product per image (point 2 above).
 
-    x: (B, C, H, W) -> unfold -> (B, C*kh*kw, Ho*Wo) -> (B*Ho*Wo, C*kh*kw); weight (O, C, kh, kw) viewed as
-    (O, C*kh*kw); product (B*Ho*Wo, O), returned as (B, O, Ho, Wo) in channels-last memory layout (no copy).
+    x: (B, C, H, W) -> unfold -> (B, C*kh*kw, Ho*Wo); per image weight (O, C, kh, kw) viewed as (O, C*kh*kw) @ its
+    columns (C*kh*kw, Ho*Wo) -> (O, Ho*Wo): oneDNN's matmul with the image as its second operand, read transposed
+    where it lies, as for 1x1 kernels (point 4); returned as (B, O, Ho, Wo), NCHW.
     """
-    B = x.shape[0]
-    O, _, kh, kw = weight.shape
-    cols = F.unfold(x, (kh, kw), padding=padding, stride=stride)  # (B, C*kh*kw, Ho*Wo)
-    out = linear(cols.transpose(1, 2).reshape(B * out_size[0] * out_size[1], -1), weight.reshape(O, -1), bias)
-    return out.view(B, *out_size, O).permute(0, 3, 1, 2)
+    B, O = x.shape[0], weight.shape[0]
+    cols = F.unfold(x, weight.shape[-2:], padding=padding, stride=stride)  # (B, C*kh*kw, Ho*Wo)
+    images = [linear(weight.reshape(O, -1), cols[b].T) for b in range(B)]  # (O, Ho*Wo) each
+    out = (images[0][None] if B == 1 else torch.stack(images)).view(B, O, *out_size)
+    return out if bias is None else out.add_(bias.view(O, 1, 1))
 
 
 @functools.cache
@@ -187,8 +188,10 @@ def conv3x3_nnpack(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         band = max(1, NNPACK_CALL_BYTES // row_bytes - 2)
         calls = [[(b, top, min(band, H - top))] for b in range(B) for top in range(0, H, band)]
     out = x.new_empty(B, weight.shape[0], H, W)
-    for pieces in calls:
-        tall = x.new_empty(C, sum(n + 2 for _, _, n in pieces), W)
+    tall_rows = [sum(n + 2 for _, _, n in pieces) for pieces in calls]
+    buffer = x.new_empty(C * max(tall_rows) * W)  # one input buffer for all calls: fresh memory costs page faults
+    for pieces, rows in zip(calls, tall_rows):
+        tall = buffer[:C * rows * W].view(C, rows, W)
         at = 0  # the piece's first row in `tall`, its zero / halo row above it
         for b, top, n in pieces:
             lo, hi = max(top - 1, 0), min(top + n + 1, H)  # image rows it reads, one above and below if there

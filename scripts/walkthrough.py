@@ -205,12 +205,14 @@ def watch_block(rec: Recorder, transformer: SpatialTransformer) -> dict:
     return scores
 
 
-KERNELS = {  # name -> what fast_kernels.py routes there (points 1-5 of its docstring)
+KERNELS = {  # name -> what fast_kernels.py routes there (points 1-7 of its docstring)
     "conv3x3_nnpack": "3×3 convolution by NNPACK's Winograd F(6×6, 3×3)",
     "conv2d_as_matmul": "convolution as im2col + one matrix product",
     "upsample2x_conv3x3": "nearest 2× upsample + 3×3 convolution, folded into four 2×2 convolutions",
     "conv1x1": "1×1 convolution as a matrix product by oneDNN",
+    "conv2d_prepacked": "convolution with its weight prepacked for the loop (oneDNN)",
     "linear": "`F.linear` by oneDNN's matmul",
+    "constant_product": "`F.linear` of the text embeddings, kept for the loop",
     "channels-last": "convolution in channels-last layout",
     "default": "PyTorch's default convolution, unchanged",
 }
@@ -243,9 +245,11 @@ class KernelTally(observers.Observer):
 
         def recorder(name, compute):
             def record(*args, **kwargs):
-                picked.append(name)
-                self.note(name)
-                return compute(*args, **kwargs)
+                out = compute(*args, **kwargs)
+                if out is not None:  # (None: the kernel declined, conv2d_prepacked without room)
+                    picked.append(name)
+                    self.note(name)
+                return out
             return record
 
         def conv2d(x, weight, *args, **kwargs):  # fast_kernels' dispatcher; what it leaves to F.conv2d, by layout
@@ -261,6 +265,11 @@ class KernelTally(observers.Observer):
             "conv2d_as_matmul": lambda x, w, b, stride, padding, out_size: F.conv2d(x, w, b, stride, padding),
             "upsample2x_conv3x3": lambda x, w, b: F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), w, b,
                                                            padding=1),
+            "conv2d_prepacked": lambda x, w, b, stride, padding, dilation, groups: (
+                F.conv2d(x, w, b, stride, padding, dilation, groups)
+                if kernels._transformed("prepacked", w, lambda w: w, budget=kernels.PREPACK_BYTES) is not None
+                else None),
+            "constant_product": F.linear,
         }
         def meta_is_cpu(*tensors):  # fast_kernels._cpu_inference, with meta for cpu
             recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
@@ -571,6 +580,10 @@ def kernel_layer(tally: KernelTally) -> dict:
             **{f"{key}_line": find(kernels, f"{name} = ", whole=True) for key, name in constants.items()},
             **{key: square(getattr(kernels, name)) for key, name in constants.items() if key != "nnpack_channels"},
             "nnpack_channels": kernels.NNPACK_MIN_CHANNELS,
+            "prepack_min": kernels.PREPACK_MIN_BYTES >> 20, "prepack_mb": kernels.PREPACK_BYTES >> 20,
+            "prepack_min_line": find(kernels, "PREPACK_MIN_BYTES = ", whole=True),
+            "prepack_line": find(kernels, "PREPACK_BYTES = ", whole=True),
+            "constant": find(kernels._FastKernels.__torch_function__, "return constant_product(*args, **kwargs)"),
             "running": find(Pipeline._running, "fast_kernels(enabled=not self.exact"),
             "set_exact": define(Pipeline.set_exact),
             "env": find(Pipeline.__init__, 'os.environ.get("MINIDEPTH_EXACT"')}
@@ -834,7 +847,11 @@ that compute the same maths with a different rounding (images within 1e-3; its d
   `F.interpolate` made by nearest doubling ({noted}), so that the convolution reading one of them is folded
   ({folded});
 - a 1×1 convolution, and every `F.linear`: one matrix product by oneDNN;
-- any other convolution from {high_res} positions ({high_res_line}): channels-last memory layout.
+- any other convolution from {high_res} positions ({high_res_line}): channels-last memory layout;
+- in the denoising loop, which calls the UNet with the same weights at every step, the largest weights of the
+  convolutions left between those resolutions (from {prepack_min} MB, {prepack_min_line}) are reordered into oneDNN's
+  layout once and kept, up to {prepack_mb} MB ({prepack_line}); and the products of the text embeddings, the same at
+  every step, with each cross-attention's key and value weights are computed once ({constant}).
 
 It is one context manager, `fast_kernels()` ({fk_def}), a `TorchFunctionMode` ({fk_mode}) that sees every `F.linear`
 and `F.conv2d` call made inside it ({dispatch}) and reroutes only the CPU float32 inference calls ({cpu_check}),
