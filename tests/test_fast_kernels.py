@@ -59,7 +59,10 @@ def test_linear(shape, bias):
     ((2, 16, 16, 15), 3, 2, 1),    # stride 2 to 8x8 outputs: im2col + one matrix product
     ((1, 8, 130, 129), 2, 1, 1),
 ])
-def test_conv2d(shape, kernel, stride, padding):
+@pytest.mark.parametrize("weight_first", [True, False], ids=["avx512-layout", "avx2-layout"])
+def test_conv2d(shape, kernel, stride, padding, weight_first, monkeypatch):
+    """(weight_first: both ways conv2d_as_matmul multiplies, whichever CPU runs the test.)"""
+    monkeypatch.setattr(fk, "_weight_first", lambda: weight_first)
     g = torch.Generator().manual_seed(1)
     x, w, b = (torch.randn(*shape, generator=g), torch.randn(12, shape[1], kernel, kernel, generator=g),
                torch.randn(12, generator=g))
