@@ -395,11 +395,12 @@ class _FastKernels(TorchFunctionMode):
 def constant_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """linear(x, weight, bias) for an input that stays the same over the block (point 7): computed once per weight
     and kept; computed again when x, the weight or the bias changed in place, or the kept result was."""
+    def product(w):
+        y = linear(x, w, bias)
+        return y, _state(y)
     kind = ("product", id(x), _state(x), None if bias is None else (id(bias), _state(bias)))
-    kept = _transformed(kind, weight, lambda w: (lambda y: (y, _state(y)))(linear(x, w, bias)))
-    if _state(kept[0]) != kept[1]:  # someone changed the result in place: not ours to hand out again
-        return linear(x, weight, bias)
-    return kept[0]
+    y, state = _transformed(kind, weight, product)
+    return y if _state(y) == state else linear(x, weight, bias)  # changed in place: not ours to hand out again
 
 
 def _folded_conv(small: torch.Tensor, weight: torch.Tensor, bias=None, stride=1, padding=0, dilation=1, groups=1):

@@ -11,6 +11,7 @@ also writes the README's copy.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -75,25 +76,15 @@ def folder(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def checkpoint() -> Path:
-    return factory.cached_checkpoint("tiny")
-
-
-@pytest.fixture(scope="module")
-def server(folder, checkpoint):
-    """`minidepth serve` on a free port; yields (url, log file). Its outputs and gradio's cache go under `folder`."""
-    port = free_port()
-    log = folder / "serve.log"
-    tmp = folder / "server-tmp"
-    tmp.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
-           "TMPDIR": str(tmp), "GRADIO_TEMP_DIR": str(tmp / "gradio"), "PYTHONUNBUFFERED": "1"}
+@contextlib.contextmanager
+def serving(args: list[str], env: dict, log: Path, cwd: Path):
+    """`minidepth serve ARGS` (ARGS with `--port`) in a process of its own, its output in `log`: yields (its URL,
+    the process) once the page answers 200, at most 180 s after the start; stops it after the block."""
+    port = args[args.index("--port") + 1]
     with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "minidepth", "serve", "--model", str(checkpoint),
-                                    "--port", str(port), "--device", "cpu"], env=env, stdout=out,
-                                   stderr=subprocess.STDOUT, cwd=folder)
-    url = f"http://127.0.0.1:{port}/"
+        process = subprocess.Popen([sys.executable, "-m", "minidepth", "serve", *args], env=env, stdout=out,
+                                   stderr=subprocess.STDOUT, cwd=cwd)
+    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -108,13 +99,31 @@ def server(folder, checkpoint):
             if time.monotonic() > deadline:
                 pytest.fail(f"minidepth serve did not answer on {url} within 180 s:\n{log.read_text()}")
             time.sleep(0.5)
-        yield url, log
+        yield url, process
     finally:
         process.terminate()
         try:
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+@pytest.fixture(scope="module")
+def checkpoint() -> Path:
+    return factory.cached_checkpoint("tiny")
+
+
+@pytest.fixture(scope="module")
+def server(folder, checkpoint):
+    """`minidepth serve` on a free port; yields (url, log file). Its outputs and gradio's cache go under `folder`."""
+    port = free_port()
+    log = folder / "serve.log"
+    tmp = folder / "server-tmp"
+    tmp.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+           "TMPDIR": str(tmp), "GRADIO_TEMP_DIR": str(tmp / "gradio"), "PYTHONUNBUFFERED": "1"}
+    with serving(["--model", str(checkpoint), "--port", str(port), "--device", "cpu"], env, log, folder) as (url, _):
+        yield url + "/", log
     assert "Traceback" not in re.sub(r"(?s)Traceback.*?gradio\.exceptions\.Error: [^\n]*", "", log.read_text()), \
         f"the server logged an unexpected traceback:\n{log.read_text()}"
 

@@ -30,7 +30,7 @@ import pytest
 
 import factory
 from test_hostile_inputs import bomb_png, claimed_npy, claimed_png
-from test_web import CHROMIUM, CHROMIUM_FLAGS, REPO, free_port, missing, need, pixels
+from test_web import CHROMIUM, CHROMIUM_FLAGS, REPO, free_port, missing, need, pixels, serving
 
 USER, PASSWORD = "alice", "correct horse"
 SETTINGS = {"prompt": "a wooden cabin in the snow", "steps": 10, "strength": 0.6, "seed": 7, "filmstrip": False}
@@ -55,37 +55,15 @@ def folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(folder):
     """`minidepth serve --auth-file ... --allowed-host proxy.example` on a free port: (url, process, log)."""
-    httpx = need("httpx", "httpx is not installed (gradio installs it)")
+    need("httpx", "httpx is not installed (gradio installs it)")
     port, log = free_port(), folder / "serve.log"
     env = {k: v for k, v in os.environ.items() if k != "GRADIO_ANALYTICS_ENABLED"}
     env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TMPDIR=str(folder), GRADIO_TEMP_DIR=str(folder / "gradio"),
                PYTHONUNBUFFERED="1")
-    with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "minidepth", "serve", "--model",
-                                    str(factory.cached_checkpoint("tiny")), "--port", str(port), "--device", "cpu",
-                                    "--auth-file", str(folder / "auth.txt"), "--allowed-host", "proxy.example"],
-                                   env=env, stdout=out, stderr=subprocess.STDOUT, cwd=folder)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"minidepth serve exited with {process.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(url, timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"minidepth serve did not answer on {url} within 180 s:\n{log.read_text()}")
-            time.sleep(0.5)
+    with serving(["--model", str(factory.cached_checkpoint("tiny")), "--port", str(port), "--device", "cpu",
+                  "--auth-file", str(folder / "auth.txt"), "--allowed-host", "proxy.example"], env, log, folder) \
+            as (url, process):
         yield url, process, log
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 class Page:
