@@ -1,7 +1,7 @@
 """Faster CPU kernels for inference: the same maths as the models' plain PyTorch layers, rounded differently.
 
 The models in `minidepth/models/` are written with plain `nn.Linear` / `nn.Conv2d` layers and run PyTorch's default
-kernels, which are the ones diffusers runs, so the parity suite can compare them bit for bit. On the CPU five things
+kernels, which are the ones diffusers runs, so the parity suite can compare them bit for bit. On the CPU these things
 about those defaults cost time (measured on a 2-core AMD EPYC, fp32, official SD2-depth sizes; benchmarks/README.md):
 
 1. A 3x3 convolution of an image of 32x32 positions or more (the VAE, the DPT's neck and head, the UNet's 32x32 and
@@ -44,6 +44,10 @@ about those defaults cost time (measured on a 2-core AMD EPYC, fp32, official SD
 7. With classifier-free guidance every step multiplies the same text embeddings by each cross-attention's key and
    value weights. Tensors given as `constant_inputs` (the pipeline gives its prompt embeddings) have their products
    with a weight computed once per block and kept: the same computation, so the same bits (~40 ms per UNet call).
+8. Not a kernel: memory. Each UNet call at 512x512 asked the system for ~1.5 GB of fresh pages, which the kernel
+   faults in and zeroes (`cpu_memory.py`). A keep_transforms block keeps freed memory in the process for the next
+   step's tensors of the same sizes: 7.7 -> 7.0 s per UNet call at 512x512 (at 256x256 they already fit glibc's
+   reused blocks), with the loop's peak still below the VAE decoder's.
 
 `fast_kernels()` is a context manager that routes `F.linear` and `F.conv2d` calls made inside it (by any module) to
 those kernels (and notes which tensors are nearest 2x upsamplings, for point 3), when they are CPU float32 inference calls (no autograd graph being recorded); every other call, and
@@ -56,7 +60,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import ctypes
 import functools
 import threading
 
@@ -64,6 +67,8 @@ import torch
 import torch.nn.functional as F
 import torch.utils.weak
 from torch.overrides import TorchFunctionMode
+
+from .cpu_memory import give_back_free_memory, reusing, reusing_freed_memory
 
 LOW_RES_POSITIONS = 8 * 8  # up to this many output positions per image: convolution as one matrix product (point 2)
 HIGH_RES_POSITIONS = 128 * 128  # from this many positions on: channels-last convolution (point 5)
@@ -80,15 +85,6 @@ _blocks = threading.local()  # per open fast_kernels block of this thread: .kept
 def active() -> bool:
     """A `fast_kernels()` block is running."""
     return any(isinstance(mode, _FastKernels) for mode in torch.overrides._get_current_function_mode_stack())
-
-
-def _give_back_free_memory() -> None:
-    """glibc keeps freed blocks under 32 MB in the process for reuse, counted in its resident memory; `malloc_trim`
-    returns them to the system."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to do
-        pass
 
 
 class _Store(dict):
@@ -219,8 +215,8 @@ def conv3x3_nnpack(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         for b, top, n in pieces:
             out[b, :, top:top + n] = y[:, at:at + n]
             at += n + 2
-    if len(calls) > 1:  # bands of a large image: its buffers, freed, would stay in the process, where the larger
-        _give_back_free_memory()  # tensors that follow cannot reuse them (VAE decoder at 256x256: peak -140 MB)
+    if len(calls) > 1 and not reusing():  # bands of a large image: its buffers, freed, would stay in the process,
+        give_back_free_memory()  # where the larger tensors that follow cannot reuse them (VAE decoder, 256x256: -140 MB)
     return out
 
 
@@ -357,6 +353,8 @@ class _FastKernels(TorchFunctionMode):
     def __enter__(self):
         if self.keep_transforms:
             _blocks.kept = [*getattr(_blocks, "kept", []), _Store()]
+            self.memory = reusing_freed_memory()  # point 8
+            self.memory.__enter__()
         # NNPACK's convolutions run on a thread of this block (started at the first one): torch's wrapper keeps
         # NNPACK's workspace, up to 3.6 x NNPACK_CALL_BYTES, per thread until the thread ends; this one ends with
         # the block. (Kept on the caller's thread it added 0.6 GB to the resident memory of a 512x512 run.)
@@ -369,7 +367,8 @@ class _FastKernels(TorchFunctionMode):
         nnpack_thread.shutdown()  # the workspace is freed here
         if self.keep_transforms:
             _blocks.kept = _blocks.kept[:-1]  # the transforms are freed here
-        _give_back_free_memory()  # and the memory returned to the system, for the next model
+            self.memory.__exit__(*exc)
+        give_back_free_memory()  # and the memory returned to the system, for the next model
         return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):

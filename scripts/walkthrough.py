@@ -39,6 +39,7 @@ CONFIGS = REPO / "tests" / "data" / "sd2-depth-configs"
 sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 
 from minidepth import depth as depth_module  # noqa: E402
+from minidepth import cpu_memory  # noqa: E402
 from minidepth import fast_kernels as kernels  # noqa: E402
 from minidepth import image_processing, observers  # noqa: E402
 from minidepth.checkpoints import build_on_meta  # noqa: E402
@@ -205,7 +206,7 @@ def watch_block(rec: Recorder, transformer: SpatialTransformer) -> dict:
     return scores
 
 
-KERNELS = {  # name -> what fast_kernels.py routes there (points 1-7 of its docstring)
+KERNELS = {  # name -> what fast_kernels.py routes there (points 1-8 of its docstring)
     "conv3x3_nnpack": "3×3 convolution by NNPACK's Winograd F(6×6, 3×3)",
     "conv2d_as_matmul": "convolution as im2col + one matrix product",
     "upsample2x_conv3x3": "nearest 2× upsample + 3×3 convolution, folded into four 2×2 convolutions",
@@ -584,6 +585,8 @@ def kernel_layer(tally: KernelTally) -> dict:
             "prepack_min_line": find(kernels, "PREPACK_MIN_BYTES = ", whole=True),
             "prepack_line": find(kernels, "PREPACK_BYTES = ", whole=True),
             "constant": find(kernels._FastKernels.__torch_function__, "return constant_product(*args, **kwargs)"),
+            "reuse": find(kernels._FastKernels.__enter__, "self.memory = reusing_freed_memory()"),
+            "reuse_def": define(cpu_memory.reusing_freed_memory),
             "running": find(Pipeline._running, "fast_kernels(enabled=not self.exact"),
             "set_exact": define(Pipeline.set_exact),
             "env": find(Pipeline.__init__, 'os.environ.get("MINIDEPTH_EXACT"')}
@@ -851,7 +854,9 @@ that compute the same maths with a different rounding (images within 1e-3; its d
 - in the denoising loop, which calls the UNet with the same weights at every step, the largest weights of the
   convolutions left between those resolutions (from {prepack_min} MB, {prepack_min_line}) are reordered into oneDNN's
   layout once and kept, up to {prepack_mb} MB ({prepack_line}); and the products of the text embeddings, the same at
-  every step, with each cross-attention's key and value weights are computed once ({constant}).
+  every step, with each cross-attention's key and value weights are computed once ({constant}). Not a kernel but
+  memory: in that loop freed memory stays in the process for the next step's tensors of the same sizes
+  ({reuse}, `minidepth/cpu_memory.py` {reuse_def}), instead of fresh pages that the system faults in and zeroes.
 
 It is one context manager, `fast_kernels()` ({fk_def}), a `TorchFunctionMode` ({fk_mode}) that sees every `F.linear`
 and `F.conv2d` call made inside it ({dispatch}) and reroutes only the CPU float32 inference calls ({cpu_check}),

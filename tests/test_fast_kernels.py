@@ -10,6 +10,9 @@ the denoising steps). Measured with torch's AVX-512 and AVX2 kernels: kernels <=
 phase gives differences of order 1e-1.
 """
 
+import platform
+import resource
+import sys
 import threading
 
 import factory
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 from test_pipeline import SCHEDULERS, photo
 
 from minidepth import StableDiffusionDepth2ImgPipeline, schedulers
+from minidepth import cpu_memory
 from minidepth import fast_kernels as fk
 
 pytestmark = pytest.mark.skipif(not fk.available(), reason="this torch has no oneDNN")
@@ -144,6 +148,52 @@ def test_nnpack_runs_on_the_blocks_thread_which_ends_with_it(monkeypatch):
         F.conv2d(x, w, padding=1)
     assert len(threads) == 2 and threads[0] is threads[1] and threads[0] is not threading.current_thread()
     assert not threads[0].is_alive()
+
+
+def test_the_loops_block_keeps_freed_memory_and_sets_the_allocator_back(monkeypatch):
+    """Point 8: a keep_transforms block (the denoising loop) switches glibc to reusing freed memory at the first open
+    block, back at the last one's end (nested, and after an error too); other blocks leave the allocator alone, and
+    give back the bands' buffers of a large NNPACK convolution, which a keep_transforms block keeps."""
+    calls = []
+    monkeypatch.setattr(cpu_memory, "_glibc", lambda *a: calls.append(a) or True)
+    trims = lambda: sum(c == ("malloc_trim", 0) for c in calls)  # noqa: E731
+    settings = lambda values: [("mallopt", *kv) for kv in values.items()]  # noqa: E731
+    monkeypatch.setattr(fk, "NNPACK_CALL_BYTES", 32 * 34 * 4 * 8)  # bands of 6 rows
+    x, w, b = torch.randn(1, 32, 34, 34), torch.randn(8, 32, 3, 3), torch.randn(8)
+    with torch.no_grad(), fk.fast_kernels():
+        assert not cpu_memory.reusing()
+        fk.conv3x3_nnpack(x, w, b)
+        assert calls == [("malloc_trim", 0)]  # after the bands
+    calls.clear()
+    with pytest.raises(ZeroDivisionError), torch.no_grad(), fk.fast_kernels(keep_transforms=True):
+        assert cpu_memory.reusing() and calls == settings(cpu_memory.REUSING)
+        with fk.fast_kernels(keep_transforms=True):
+            fk.conv3x3_nnpack(x, w, b)
+        assert cpu_memory.reusing() and trims() == 1  # the inner block's end: no bands' trim, settings unchanged
+        assert [c for c in calls if c[0] == "mallopt"] == settings(cpu_memory.REUSING)
+        1 / 0
+    assert not cpu_memory.reusing()
+    assert [c for c in calls if c[0] == "mallopt"] == settings(cpu_memory.REUSING) + settings(cpu_memory.USUAL)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="glibc's allocator")
+def test_reused_memory_is_not_faulted_in_again():
+    """The mechanism itself, counted: a 64 MB tensor made, filled and freed again and again faults in fresh pages
+    every time (glibc maps blocks over 32 MB afresh: 16,384 faults of 4 KB pages, fewer with transparent huge
+    pages), but not inside a reusing_freed_memory block once its heap holds the freed blocks (glibc's aligned
+    allocations leave a few freed blocks just too small at first: the first rounds grow it)."""
+    def faults(rounds):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(rounds):
+            torch.empty(16 << 20).fill_(1.0)  # made, touched and freed
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    outside = faults(4)
+    with cpu_memory.reusing_freed_memory():
+        faults(12)
+        inside = faults(4)
+    assert outside > 0 and inside <= outside / 8, f"page faults: {outside} outside the block, {inside} inside"
 
 
 @pytest.mark.parametrize("inference_weights", [False, True])
