@@ -9,7 +9,8 @@ takes a real one), each in its own worker process so that its memory can be meas
 first size), then for every size `--runs` runs each, ALTERNATING (A B B A ...) so that machine noise hits both the same
 way, with identical inputs, settings and seeds; the table shows medians.
 
-Stages are timed by wrapping the pipelines' own steps on the instances (no library is changed):
+Stages are timed through minidepth's observer API (its stage events; each UNet call by a module hook) and, for
+diffusers, which has no observers, by wrapping its steps on the instance (no library is changed):
   text encode = `encode_prompt` (prompt + negative prompt), depth estimate = `prepare_depth_map` (DPT preprocessing,
   model, resize, normalise), VAE encode = `vae.encode`, UNet step = one `unet` forward (the mean over the steps),
   VAE decode = `vae.decode`; end to end = the whole `pipe(...)` call. On CUDA every timer synchronises the device.
@@ -24,6 +25,7 @@ background load does not lower it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -49,30 +51,82 @@ NAMES = ("minidepth", "diffusers")
 
 # ------------------------------------------------------------------------------------------------ measuring
 class Probe:
-    """Times the stages of one pipeline, wrapping its steps on the instance."""
+    """Times the stages of one pipeline and, while `inputs` is a dict, records each stage's model calls (for FLOPs).
+    minidepth's pipeline is watched through its observer API (`watching()`: the stage events) and torch's module
+    hooks (each UNet call); diffusers' pipeline, which has no observers, by wrapping its steps on the instance."""
+
+    STAGE_OF = {"prompt": "text encode", "depth": "depth estimate", "encode": "VAE encode", "decode": "VAE decode"}
 
     def __init__(self, pipe, device: torch.device):
         self.device, self.times = device, {}
-        self.inputs: dict | None = None  # {stage: [(model, method, args, kwargs) on meta]} while recording
-        self._wrap(pipe, "encode_prompt", "text encode")
-        self._wrap(pipe, "prepare_depth_map", "depth estimate")
-        self._wrap(pipe.vae, "encode", "VAE encode")
-        self._wrap(pipe.unet, "forward", "UNet step")  # nn.Module.__call__ looks `forward` up on the instance first
-        self._wrap(pipe.vae, "decode", "VAE decode")
-        self._record(pipe.text_encoder, "forward", "text encode")
-        self._record(pipe.depth_estimator, "forward", "depth estimate")
-        for model, method, stage in ((pipe.vae, "encode", "VAE encode"), (pipe.unet, "forward", "UNet step"),
-                                     (pipe.vae, "decode", "VAE decode")):
-            self._record(model, method, stage)
+        self.inputs: dict | None = None  # {stage: [(model, method, args, kwargs)]} while recording
+        self.observer = None
+        if hasattr(pipe, "observing"):  # minidepth
+            self.observer = self._observer(pipe)
+            self._hook_unet_steps(pipe.unet)
+        else:
+            self._wrap(pipe, "encode_prompt", "text encode")
+            self._wrap(pipe, "prepare_depth_map", "depth estimate")
+            self._wrap(pipe.vae, "encode", "VAE encode")
+            self._wrap(pipe.unet, "forward", "UNet step")  # nn.Module.__call__ looks `forward` up on the instance
+            self._wrap(pipe.vae, "decode", "VAE decode")
+            for model, method, stage in ((pipe.vae, "encode", "VAE encode"), (pipe.vae, "decode", "VAE decode")):
+                self._record(model, method, stage)
+        for model, stage in ((pipe.text_encoder, "text encode"), (pipe.depth_estimator, "depth estimate"),
+                             (pipe.unet, "UNet step")):
+            model.register_forward_pre_hook(
+                lambda m, args, kwargs, stage=stage: self._keep(stage, m, "forward", args, kwargs), with_kwargs=True)
+
+    def watching(self, pipe):
+        """The block during which the stages are timed (minidepth: its observer is added for the block)."""
+        return pipe.observing(self.observer) if self.observer else contextlib.nullcontext()
+
+    def _keep(self, stage, model, method, args, kwargs):
+        if self.inputs is not None:
+            kept = {k: v for k, v in kwargs.items() if k != "generator"}
+            self.inputs.setdefault(stage, []).append((model, method, args, kept))
+
+    def _observer(self, pipe):
+        from minidepth.observers import Observer
+        probe, started = self, {}
+
+        class StageClock(Observer):
+            def stage_started(self, pipe, *, stage, **data):
+                probe.sync()
+                started[stage] = time.perf_counter()
+
+            def stage_finished(self, pipe, *, stage, **data):
+                probe.sync()
+                if stage in probe.STAGE_OF:
+                    probe.times.setdefault(probe.STAGE_OF[stage], []).append(time.perf_counter() - started[stage])
+
+            def image_ready(self, pipe, *, image, **data):  # what vae.encode gets
+                probe._keep("VAE encode", pipe.vae, "encode", (image,), {})
+
+            def decoded(self, pipe, *, latents, output_type, **data):  # vae.decode gets latents / scaling factor
+                if output_type != "latent":
+                    probe._keep("VAE decode", pipe.vae, "decode", (latents,), {})
+        return StageClock()
+
+    def _hook_unet_steps(self, unet):
+        started = []
+
+        def before(module, args):
+            self.sync()
+            started.append(time.perf_counter())
+
+        def after(module, args, output):
+            self.sync()
+            self.times.setdefault("UNet step", []).append(time.perf_counter() - started.pop())
+        unet.register_forward_pre_hook(before)
+        unet.register_forward_hook(after)
 
     def _record(self, model, method: str, stage: str):
-        """While `self.inputs` is a dict, keep the arguments of every call of model.method."""
+        """diffusers' VAE: while `self.inputs` is a dict, keep the arguments of every call of model.method."""
         inner = getattr(model, method)
 
         def recorded(*args, **kwargs):
-            if self.inputs is not None:
-                kept = {k: v for k, v in kwargs.items() if k != "generator"}
-                self.inputs.setdefault(stage, []).append((model, method, args, kept))
+            self._keep(stage, model, method, args, kwargs)
             return inner(*args, **kwargs)
 
         setattr(model, method, recorded)
@@ -260,9 +314,10 @@ def worker(args) -> None:
             probe.start()
             probe.sync()
             start = time.perf_counter()
-            out = pipe(prompt=args.prompt, image=image, strength=args.strength, num_inference_steps=args.steps,
-                       guidance_scale=args.guidance, generator=torch.Generator().manual_seed(args.seed),
-                       output_type="np")
+            with probe.watching(pipe):
+                out = pipe(prompt=args.prompt, image=image, strength=args.strength, num_inference_steps=args.steps,
+                           guidance_scale=args.guidance, generator=torch.Generator().manual_seed(args.seed),
+                           output_type="np")
             probe.sync()
             total = time.perf_counter() - start
             np.save(request["out"], np.asarray(out.images[0], dtype=np.float32))
