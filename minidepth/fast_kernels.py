@@ -13,8 +13,8 @@ about those defaults cost time (measured on a 2-core AMD EPYC, fp32, official SD
    128 channels at 256x256, 225 -> 113 ms for its 512 at 128x128 (`conv3x3_nnpack`). Its rounding error is ~1e-5
    of the output's scale instead of ~1e-6. F.conv2d picks NNPACK only for batches of 16 or more, and the
    `torch._nnpack_spatial_convolution` wrapper keeps its workspace (several times the input) for the life of the
-   thread; both are handled below: a whole batch as one tall image, calls limited to NNPACK_CALL_BYTES of input,
-   and the calls made on the block's own thread, which ends with the block and frees the workspace.
+   thread; both are handled in `nnpack.py`: a whole batch as one tall image, calls limited in size, and the calls
+   made on the block's own thread, which ends with the block and frees the workspace.
 2. At the UNet's lowest resolutions (4x4, 8x8 latents) a convolution does little arithmetic per weight, and oneDNN's
    weight reorder (59-118 MB for a 1280-channel 3x3 kernel, into freshly allocated memory) dominates: 23 ms for a
    2x1280x4x4 input, of which 9 ms is the actual product. Written as im2col + one matrix product per image, the
@@ -58,7 +58,6 @@ modes is float rounding only (summation order); the test suite checks it stays b
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import functools
 import threading
@@ -68,18 +67,18 @@ import torch.nn.functional as F
 import torch.utils.weak
 from torch.overrides import TorchFunctionMode
 
-from .cpu_memory import give_back_free_memory, reusing, reusing_freed_memory
+from .cpu_memory import give_back_free_memory, reusing_freed_memory
+from .nnpack import conv3x3_nnpack, nnpack_available, nnpack_thread
 
 LOW_RES_POSITIONS = 8 * 8  # up to this many output positions per image: convolution as one matrix product (point 2)
 HIGH_RES_POSITIONS = 128 * 128  # from this many positions on: channels-last convolution (point 5)
 NNPACK_POSITIONS = 32 * 32  # 3x3 convolutions from this many positions per image on ...
 NNPACK_MIN_CHANNELS = 32  # ... with at least this many input channels: NNPACK's Winograd (point 1)
-NNPACK_CALL_BYTES = 16 << 20  # input per NNPACK call, larger images go in bands of rows: its workspace is ~3.6x this
 PREPACK_MIN_BYTES = 16 << 20  # a weight this large, convolved where none of the above applies, is prepacked ...
 PREPACK_BYTES = 160 << 20  # ... while a keep_transforms block has kept less than this many bytes of them (point 6)
 
 
-_blocks = threading.local()  # per open fast_kernels block of this thread: .kept (transform stores), .nnpack
+_blocks = threading.local()  # per open fast_kernels block of this thread: .kept (transform stores)
 
 
 def active() -> bool:
@@ -157,67 +156,6 @@ def conv2d_as_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 def _weight_first() -> bool:
     """The CPU runs PyTorch's and oneDNN's AVX-512 code (for conv2d_as_matmul's choice)."""
     return torch.backends.cpu.get_cpu_capability() == "AVX512"
-
-
-@functools.cache
-def nnpack_available() -> bool:
-    """torch was built with NNPACK and NNPACK initialised on this CPU (asking initialises it; x86-64 with AVX2 or
-    ARM with NEON). NNPACK's thread pool takes torch's thread count at its first convolution."""
-    return torch._nnpack_available()
-
-
-def _nnpack(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: list[int]) -> torch.Tensor:
-    """torch's NNPACK convolution of a (1, C, H, W) image, on the innermost fast_kernels block's own thread (whose
-    end frees NNPACK's workspace; see _FastKernels) or, outside a block, on this one."""
-    def call():
-        with torch.no_grad():  # (as in the caller, which records no graph; a new thread starts with grad on)
-            return torch._nnpack_spatial_convolution(x, weight, bias, padding, [1, 1])
-
-    threads = getattr(_blocks, "nnpack", None)
-    return threads[-1].submit(call).result() if threads else call()
-
-
-def conv3x3_nnpack(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.conv2d(x, weight, bias, padding=1) for a 3x3 kernel by NNPACK's Winograd F(6x6, 3x3) (point 1 above).
-
-    NNPACK's own batch path is another, slower algorithm (2x slower for the UNet's two guidance halves), and image by
-    image it would transform the weight once per image. So the input goes to NNPACK as tall single images, each
-    piece of an image between a zero row above and below it (its padding; image rows where the piece is a band of a
-    larger image): the whole batch stacked in one call when it fits in NNPACK_CALL_BYTES, else one call per band of
-    rows. NNPACK pads only left and right; the output rows of the zero rows are dropped.
-    x (B, C, H, W) -> (B, O, H, W), NCHW.
-    """
-    B, C, H, W = x.shape
-    row_bytes = C * W * x.element_size()
-    if B == 1 and H * row_bytes <= NNPACK_CALL_BYTES:  # the image as it is, NNPACK pads it
-        return _nnpack(x.contiguous(), weight, bias, [1, 1])
-    if B * (H + 2) * row_bytes <= NNPACK_CALL_BYTES:
-        calls = [[(b, 0, H) for b in range(B)]]  # (image, first row, rows) of each piece; all images in one call
-    else:
-        band = max(1, NNPACK_CALL_BYTES // row_bytes - 2)
-        calls = [[(b, top, min(band, H - top))] for b in range(B) for top in range(0, H, band)]
-    out = x.new_empty(B, weight.shape[0], H, W)
-    tall_rows = [sum(n + 2 for _, _, n in pieces) for pieces in calls]
-    buffer = x.new_empty(C * max(tall_rows) * W)  # one input buffer for all calls: fresh memory costs page faults
-    for pieces, rows in zip(calls, tall_rows):
-        tall = buffer[:C * rows * W].view(C, rows, W)
-        at = 0  # the piece's first row in `tall`, its zero / halo row above it
-        for b, top, n in pieces:
-            lo, hi = max(top - 1, 0), min(top + n + 1, H)  # image rows it reads, one above and below if there
-            tall[:, at + 1 + lo - top:at + 1 + hi - top] = x[b, :, lo:hi]
-            if top == 0:
-                tall[:, at] = 0  # above the image: padding
-            if top + n == H:
-                tall[:, at + n + 1] = 0  # below it
-            at += n + 2
-        y = _nnpack(tall[None], weight, bias, [0, 1])[0]  # (O, rows - 2, W): output row i is centred on tall row i+1
-        at = 0
-        for b, top, n in pieces:
-            out[b, :, top:top + n] = y[:, at:at + n]
-            at += n + 2
-    if len(calls) > 1 and not reusing():  # bands of a large image: its buffers, freed, would stay in the process,
-        give_back_free_memory()  # where the larger tensors that follow cannot reuse them (VAE decoder, 256x256: -140 MB)
-    return out
 
 
 def conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -355,16 +293,12 @@ class _FastKernels(TorchFunctionMode):
             _blocks.kept = [*getattr(_blocks, "kept", []), _Store()]
             self.memory = reusing_freed_memory()  # point 8
             self.memory.__enter__()
-        # NNPACK's convolutions run on a thread of this block (started at the first one): torch's wrapper keeps
-        # NNPACK's workspace, up to 3.6 x NNPACK_CALL_BYTES, per thread until the thread ends; this one ends with
-        # the block. (Kept on the caller's thread it added 0.6 GB to the resident memory of a 512x512 run.)
-        _blocks.nnpack = [*getattr(_blocks, "nnpack", []),
-                          concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="minidepth-nnpack")]
+        self.nnpack = nnpack_thread()  # NNPACK's convolutions run on a thread of the block, which ends with it
+        self.nnpack.__enter__()
         return super().__enter__()
 
     def __exit__(self, *exc):
-        nnpack_thread, _blocks.nnpack = _blocks.nnpack[-1], _blocks.nnpack[:-1]
-        nnpack_thread.shutdown()  # the workspace is freed here
+        self.nnpack.__exit__(*exc)  # NNPACK's workspace is freed here
         if self.keep_transforms:
             _blocks.kept = _blocks.kept[:-1]  # the transforms are freed here
             self.memory.__exit__(*exc)

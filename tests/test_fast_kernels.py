@@ -26,6 +26,7 @@ from test_pipeline import SCHEDULERS, photo
 from minidepth import StableDiffusionDepth2ImgPipeline, schedulers
 from minidepth import cpu_memory
 from minidepth import fast_kernels as fk
+from minidepth import nnpack
 
 pytestmark = pytest.mark.skipif(not fk.available(), reason="this torch has no oneDNN")
 
@@ -88,7 +89,7 @@ def test_folded_upsampling(shape, bias):
     assert_near(fast, exact, 1e-5, f"folded upsampling {shape}", relative=True)
 
 
-needs_nnpack = pytest.mark.skipif(not fk.nnpack_available(), reason="this torch has no NNPACK (or this CPU)")
+needs_nnpack = pytest.mark.skipif(not nnpack.nnpack_available(), reason="this torch has no NNPACK (or this CPU)")
 
 
 @needs_nnpack
@@ -102,12 +103,12 @@ needs_nnpack = pytest.mark.skipif(not fk.nnpack_available(), reason="this torch 
 def test_nnpack(shape, call_bytes, bias, monkeypatch):
     """NNPACK's Winograd F(6x6, 3x3) == 3x3 convolution with padding 1: whole images, batches stacked, bands."""
     if call_bytes:
-        monkeypatch.setattr(fk, "NNPACK_CALL_BYTES", call_bytes)
+        monkeypatch.setattr(nnpack, "NNPACK_CALL_BYTES", call_bytes)
     g = torch.Generator().manual_seed(5)
     x, w = torch.randn(*shape, generator=g), torch.randn(11, shape[1], 3, 3, generator=g)
     b = torch.randn(11, generator=g) if bias else None
     with torch.no_grad(), fk.fast_kernels():
-        fast = fk.conv3x3_nnpack(x, w, b)
+        fast = nnpack.conv3x3_nnpack(x, w, b)
     assert fast.is_contiguous()
     assert_near(fast, F.conv2d(x, w, b, padding=1), 1e-4, f"NNPACK {shape}, {call_bytes} B per call", relative=True)
 
@@ -158,17 +159,17 @@ def test_the_loops_block_keeps_freed_memory_and_sets_the_allocator_back(monkeypa
     monkeypatch.setattr(cpu_memory, "_glibc", lambda *a: calls.append(a) or True)
     trims = lambda: sum(c == ("malloc_trim", 0) for c in calls)  # noqa: E731
     settings = lambda values: [("mallopt", *kv) for kv in values.items()]  # noqa: E731
-    monkeypatch.setattr(fk, "NNPACK_CALL_BYTES", 32 * 34 * 4 * 8)  # bands of 6 rows
+    monkeypatch.setattr(nnpack, "NNPACK_CALL_BYTES", 32 * 34 * 4 * 8)  # bands of 6 rows
     x, w, b = torch.randn(1, 32, 34, 34), torch.randn(8, 32, 3, 3), torch.randn(8)
     with torch.no_grad(), fk.fast_kernels():
         assert not cpu_memory.reusing()
-        fk.conv3x3_nnpack(x, w, b)
+        nnpack.conv3x3_nnpack(x, w, b)
         assert calls == [("malloc_trim", 0)]  # after the bands
     calls.clear()
     with pytest.raises(ZeroDivisionError), torch.no_grad(), fk.fast_kernels(keep_transforms=True):
         assert cpu_memory.reusing() and calls == settings(cpu_memory.REUSING)
         with fk.fast_kernels(keep_transforms=True):
-            fk.conv3x3_nnpack(x, w, b)
+            nnpack.conv3x3_nnpack(x, w, b)
         assert cpu_memory.reusing() and trims() == 1  # the inner block's end: no bands' trim, settings unchanged
         assert [c for c in calls if c[0] == "mallopt"] == settings(cpu_memory.REUSING)
         1 / 0
@@ -335,7 +336,7 @@ def test_every_scheduler_fast_vs_exact(pipe, scheduler, monkeypatch):
     lowered, in the UNet's 16x16 level (the two guidance halves stacked), prepacked weights (the size threshold
     lowered) and the text embeddings' key and value products kept over the steps."""
     monkeypatch.setattr(fk, "NNPACK_POSITIONS", 16 * 16)
-    monkeypatch.setattr(fk, "NNPACK_CALL_BYTES", 256 << 10)
+    monkeypatch.setattr(nnpack, "NNPACK_CALL_BYTES", 256 << 10)
     monkeypatch.setattr(fk, "PREPACK_MIN_BYTES", 0)  # every in-between convolution prepacked over the loop
     used = {"prepacked": 0, "product": 0}
     for kernel, name in ((fk.conv2d_prepacked, "prepacked"), (fk.constant_product, "product")):
