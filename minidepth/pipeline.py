@@ -35,14 +35,16 @@ from .observers import Observable
 from .checkpoints.components import load_components, save_components
 from .depth import CheckedAttribute, check_depth_estimator, check_feature_extractor
 from .pipeline_io import PipelineOutput, check_call_arguments, split_lora_scale
+from .pipeline_switches import MemorySwitchesMixin
 
 logger = logging.getLogger(__name__)
 CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "negative_prompt_embeds", "depth_mask")
 
 
-class StableDiffusionDepth2ImgPipeline(AdaptersMixin, Observable):
+class StableDiffusionDepth2ImgPipeline(AdaptersMixin, MemorySwitchesMixin, Observable):
     """The seven components of the checkpoint, plus the steps that use them. Components are plain attributes.
     LoRA and textual-inversion methods (`load_lora_weights`, `load_textual_inversion`, ...) come from AdaptersMixin;
+    diffusers' memory switches (`enable_attention_slicing`, `enable_vae_tiling`, ...) from MemorySwitchesMixin;
     `observing(...)` and the stages it announces (prompt encoded, depth ready, each step, ...) from Observable
     (minidepth/observers.py)."""
 
@@ -113,48 +115,6 @@ class StableDiffusionDepth2ImgPipeline(AdaptersMixin, Observable):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
-
-    # ------------------------------------------------------------------------------------------ memory switches
-    def enable_attention_slicing(self, slice_size: str | int = "auto") -> None:
-        """Compute attention in slices ("auto": half the heads at a time, "max": one at a time, or an int)."""
-        from .models.attention import set_attention_backend
-        set_attention_backend(self.unet, "sliced", slice_size=slice_size)
-
-    def disable_attention_slicing(self) -> None:
-        from .models.attention import set_attention_backend
-        set_attention_backend(self.unet, "sdpa")
-
-    def enable_xformers_memory_efficient_attention(self) -> None:
-        from .models.attention import set_attention_backend
-        for model in (self.unet, self.vae):
-            set_attention_backend(model, "xformers")
-
-    def disable_xformers_memory_efficient_attention(self) -> None:
-        from .models.attention import set_attention_backend
-        for model in (self.unet, self.vae):
-            set_attention_backend(model, "sdpa")
-
-    def enable_vae_slicing(self) -> None:
-        self.vae.enable_slicing()
-
-    def disable_vae_slicing(self) -> None:
-        self.vae.disable_slicing()
-
-    def enable_vae_tiling(self) -> None:
-        self.vae.enable_tiling()
-
-    def disable_vae_tiling(self) -> None:
-        self.vae.disable_tiling()
-
-    def enable_model_cpu_offload(self, device: str | torch.device = "cuda") -> None:
-        """Keep every model on the CPU and move each one to `device` only while it runs."""
-        self._offload_device = torch.device(device)
-        self.to("cpu")
-
-    def disable_model_cpu_offload(self) -> None:
-        device, self._offload_device = self._offload_device, None
-        if device is not None:
-            self.to(device)
 
     def set_exact(self, exact: bool = True) -> None:
         """`True`: PyTorch's default kernels, diffusers' kernels: bit-identical images (the parity suite's mode).

@@ -51,8 +51,8 @@ LAYERS = [
                      "minidepth.dpt_processing", "minidepth.console"}),
     ("models, schedulers", {"minidepth.models", "minidepth.schedulers"}),
     ("checkpoints, adapters, depth", {"minidepth.checkpoints", "minidepth.adapters", "minidepth.depth"}),
-    ("pipeline", {"minidepth.pipeline", "minidepth.pipeline_io", "minidepth.ldm_mode", "minidepth.observers",
-                  "minidepth.generation"}),
+    ("pipeline", {"minidepth.pipeline", "minidepth.pipeline_io", "minidepth.pipeline_switches", "minidepth.ldm_mode",
+                  "minidepth.observers", "minidepth.generation"}),
     ("study tools, training, parity", {"minidepth.inside", "minidepth.train", "minidepth.parity"}),
     ("front ends", {"minidepth.cli", "minidepth.__main__"}),
 ]
