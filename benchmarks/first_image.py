@@ -40,11 +40,6 @@ os.environ.setdefault("MINIDEPTH_TEST_CACHE", str(REPO / ".cache" / "minidepth-t
 NAMES = ("minidepth", "diffusers")
 
 
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(field + ":"))
-
-
 def child(args) -> None:
     """One fresh process: import, load, two images; a JSON line on stdout."""
     t0 = time.time()
@@ -64,8 +59,8 @@ def child(args) -> None:
         pipe = diffusers.StableDiffusionDepth2ImgPipeline.from_pretrained(args.checkpoint)
     pipe.set_progress_bar_config(disable=True)
     t_loaded = time.time()
+    from benchmark import _status_mb, photo  # (numpy, PIL and torch: already imported by either library)
     loaded_mb = _status_mb("VmRSS")
-    from benchmark import photo
     image = photo(args.size)
     calls, stages = [], []
     for _ in range(2):

@@ -289,20 +289,19 @@ class _FastKernels(TorchFunctionMode):
         self.upsampled = torch.utils.weak.WeakIdKeyDictionary()
 
     def __enter__(self):
+        # what the block holds, let go in reverse order at its end
+        self.held = contextlib.ExitStack()
+        self.held.callback(give_back_free_memory)  # last: the memory back to the system, for the next model
         if self.keep_transforms:
+            self.held.enter_context(reusing_freed_memory())  # point 8
             _blocks.kept = [*getattr(_blocks, "kept", []), _Store()]
-            self.memory = reusing_freed_memory()  # point 8
-            self.memory.__enter__()
-        self.nnpack = nnpack_thread()  # NNPACK's convolutions run on a thread of the block, which ends with it
-        self.nnpack.__enter__()
+            self.held.callback(lambda: setattr(_blocks, "kept", _blocks.kept[:-1]))  # the transforms are freed
+        # NNPACK's convolutions run on a thread of the block; its end (the first thing let go) frees their workspace
+        self.held.enter_context(nnpack_thread())
         return super().__enter__()
 
     def __exit__(self, *exc):
-        self.nnpack.__exit__(*exc)  # NNPACK's workspace is freed here
-        if self.keep_transforms:
-            _blocks.kept = _blocks.kept[:-1]  # the transforms are freed here
-            self.memory.__exit__(*exc)
-        give_back_free_memory()  # and the memory returned to the system, for the next model
+        self.held.close()
         return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):

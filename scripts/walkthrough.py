@@ -585,7 +585,7 @@ def kernel_layer(tally: KernelTally) -> dict:
             "prepack_min_line": find(kernels, "PREPACK_MIN_BYTES = ", whole=True),
             "prepack_line": find(kernels, "PREPACK_BYTES = ", whole=True),
             "constant": find(kernels._FastKernels.__torch_function__, "return constant_product(*args, **kwargs)"),
-            "reuse": find(kernels._FastKernels.__enter__, "self.memory = reusing_freed_memory()"),
+            "reuse": find(kernels._FastKernels.__enter__, "self.held.enter_context(reusing_freed_memory())"),
             "reuse_def": define(cpu_memory.reusing_freed_memory),
             "running": find(Pipeline._running, "fast_kernels(enabled=not self.exact"),
             "set_exact": define(Pipeline.set_exact),
