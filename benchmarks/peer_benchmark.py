@@ -137,6 +137,14 @@ def measure(name: str, size: int, runs: int, exact: bool) -> dict:
     loop = name.startswith("UNet")  # the pipeline keeps transforms over the denoising loop only
     constants = inputs[2:] if loop else ()  # the text embeddings, as the denoising loop gives them
 
+    def timed(call):
+        """call -> a function returning (call's output, its seconds)."""
+        def run():
+            start = time.perf_counter()
+            out = call()
+            return out, time.perf_counter() - start
+        return run
+
     def ours_call(fast: bool):
         """One call as the pipeline's denoising loop makes it: a step after the first, whose kept weight transforms
         (folded upsampling kernels, prepacked weights, the text embeddings' products) the block reuses. The block's
@@ -144,15 +152,7 @@ def measure(name: str, size: int, runs: int, exact: bool) -> dict:
         with torch.no_grad(), fast_kernels(enabled=fast, keep_transforms=loop, constant_inputs=constants):
             if loop:
                 ours(*inputs)
-            start = time.perf_counter()
-            out = ours(*inputs)
-            return out, time.perf_counter() - start
-    def timed(call):
-        def run():
-            start = time.perf_counter()
-            out = call()
-            return out, time.perf_counter() - start
-        return run
+            return timed(lambda: ours(*inputs))()
     calls = {"minidepth": lambda: ours_call(True), "OpenVINO f32": timed(ov_call),
              "diffusers": timed(lambda: torch.no_grad()(lambda: ref_call(ref_model))())}
     if exact:
