@@ -143,13 +143,30 @@ def conv2d_as_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     8x8: 8.3 -> 10.9 ms with AVX2).
     """
     B, O = x.shape[0], weight.shape[0]
-    cols = F.unfold(x, weight.shape[-2:], padding=padding, stride=stride)  # (B, C*kh*kw, Ho*Wo)
+    cols = im2col(x, weight.shape[-2:], padding, stride, out_size)  # (B, C*kh*kw, Ho*Wo)
     if _weight_first():
         images = [linear(weight.reshape(O, -1), cols[b].T) for b in range(B)]  # (O, Ho*Wo) each
         out = (images[0][None] if B == 1 else torch.stack(images)).view(B, O, *out_size)
         return out if bias is None else out.add_(bias.view(O, 1, 1))
     out = linear(cols.transpose(1, 2).reshape(B * out_size[0] * out_size[1], -1), weight.reshape(O, -1), bias)
     return out.view(B, *out_size, O).permute(0, 3, 1, 2)
+
+
+def im2col(x: torch.Tensor, kernel: tuple[int, int], padding, stride, out_size: tuple[int, int]) -> torch.Tensor:
+    """F.unfold(x, kernel, padding=padding, stride=stride), the same values: (B, C, H, W) -> (B, C*kh*kw, Ho*Wo).
+
+    Column (c, i, j) of output position (y, x) is the padded image at (c, y*stride + i, x*stride + j): a view of the
+    padded image with strides, which PyTorch's copy kernel writes out in about half F.unfold's time from 8x8 output
+    positions on (1.04 -> 0.48 ms for 2x1280 channels at 8x8, 0.59 -> 0.32 ms for 640 channels at 16x16 -> 8x8);
+    below that the extra copy of the padding costs more than it saves (0.26 -> 0.33 ms at 4x4), so F.unfold does it.
+    """
+    if out_size[0] * out_size[1] < LOW_RES_POSITIONS:
+        return F.unfold(x, kernel, padding=padding, stride=stride)
+    B, C = x.shape[:2]
+    padded = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))  # (B, C, H + 2 ph, W + 2 pw)
+    sb, sc, sh, sw = padded.stride()
+    windows = padded.as_strided((B, C, *kernel, *out_size), (sb, sc, sh, sw, sh * stride[0], sw * stride[1]))
+    return windows.reshape(B, C * kernel[0] * kernel[1], out_size[0] * out_size[1])  # (one copy)
 
 
 @functools.cache

@@ -76,6 +76,22 @@ def test_conv2d(shape, kernel, stride, padding, weight_first, monkeypatch):
     assert_near(fast, F.conv2d(x, w, b, stride, padding), 1e-5, f"conv2d {shape} k{kernel} s{stride}", relative=True)
 
 
+@pytest.mark.parametrize("shape,kernel,stride,padding", [
+    ((2, 7, 8, 8), (3, 3), (1, 1), (1, 1)),      # the UNet's 8x8 convolutions: a strided view, copied
+    ((2, 7, 16, 16), (3, 3), (2, 2), (1, 1)),    # its downsampling from 16x16 to 8x8
+    ((1, 5, 9, 12), (2, 3), (1, 1), (0, 1)),     # uneven kernel and padding: 8x12 outputs
+    ((2, 7, 4, 4), (3, 3), (1, 1), (1, 1)),      # below 8x8 outputs: F.unfold itself
+])
+def test_im2col_is_unfold(shape, kernel, stride, padding):
+    """The same numbers as F.unfold (a copy: bit for bit), in the same order."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+    expected = F.unfold(x, kernel, padding=padding, stride=stride)
+    out_size = tuple((shape[2 + i] + 2 * padding[i] - kernel[i]) // stride[i] + 1 for i in range(2))
+    got = fk.im2col(x, kernel, padding, stride, out_size)
+    assert got.shape == expected.shape and torch.equal(got, expected), \
+        f"im2col {shape} k{kernel}: max |diff| {(got - expected).abs().max().item():.3g}"
+
+
 @pytest.mark.parametrize("shape", [(2, 6, 16, 16), (1, 5, 17, 23), (1, 4, 64, 70)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_folded_upsampling(shape, bias):
