@@ -81,13 +81,14 @@ class StableDiffusionDepth2ImgPipeline(AdaptersMixin, MemorySwitchesMixin, Obser
 
     @classmethod
     def from_single_file(cls, path: str, *, torch_dtype: torch.dtype | None = None,
-                         device: str | torch.device | None = None,
-                         config: str | None = None) -> "StableDiffusionDepth2ImgPipeline":
-        """Load the original single file (`512-depth-ema.safetensors` / `.ckpt`): all four networks from the one
-        file, configs / tokenizer / scheduler / feature extractor packaged with minidepth (offline). `config`: a
-        diffusers-layout folder whose config and tokenizer files to use instead. See `checkpoints/single_file.py`."""
+                         device: str | torch.device | None = None, config: str | None = None,
+                         depth_estimator=None, feature_extractor=None) -> "StableDiffusionDepth2ImgPipeline":
+        """Load the original single file (`512-depth-ema.safetensors` / `.ckpt`; checkpoints/single_file.py): its four
+        networks, the configs, tokenizer and scheduler packaged with minidepth (offline) or from `config`, a
+        diffusers-layout folder. The depth slot as in `from_pretrained` (the file's DPT-Hybrid is then not loaded)."""
         from .checkpoints.single_file import load_single_file
-        return cls(**load_single_file(path, config, dtype=torch_dtype, device=device))
+        return cls(**load_single_file(path, config, dtype=torch_dtype, device=device,
+                                      depth_estimator=depth_estimator, feature_extractor=feature_extractor))
 
     def save_pretrained(self, folder: str) -> None:
         """Write the diffusers layout (model_index.json + one folder per component), loadable by diffusers too."""

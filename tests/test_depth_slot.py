@@ -119,6 +119,39 @@ def test_same_pixels_as_diffusers_with_depth_anything(tiny_checkpoint, da_folder
     same(run(reloaded, image), expected, "diffusers loading our saved pipeline")
 
 
+def test_single_file_with_another_depth_model_gives_diffusers_pixels(tiny_checkpoint, da_folder, photo_file, tmp_path,
+                                                                     monkeypatch):
+    """`from_single_file(..., depth_estimator=)`: the file's DPT is not built; the same pixels as diffusers' pipeline
+    on the same networks with transformers' Depth Anything V2. A bad name fails before the file is read."""
+    from diffusers import StableDiffusionDepth2ImgPipeline as Reference
+    from transformers import DepthAnythingForDepthEstimation
+    from transformers import DPTImageProcessor as ReferenceProcessor
+
+    from minidepth.checkpoints.single_file import convert
+    from minidepth.models.dpt import DPTDepthModel
+
+    single = convert(tiny_checkpoint, tmp_path / "tiny-depth.safetensors")
+
+    def no_dpt(*args, **kwargs):
+        raise AssertionError("the file's DPT was built although another model fills the depth slot")
+    with monkeypatch.context() as m:
+        m.setattr(DPTDepthModel, "from_single_file", classmethod(no_dpt))
+        ours = StableDiffusionDepth2ImgPipeline.from_single_file(single, config=str(tiny_checkpoint),
+                                                                 depth_estimator=str(da_folder))
+    ours.set_exact(True)
+    ours.set_progress_bar_config(disable=True)
+    assert type(ours.depth_estimator) is DepthAnythingV2
+    ref = Reference.from_pretrained(tiny_checkpoint,
+                                    depth_estimator=DepthAnythingForDepthEstimation.from_pretrained(da_folder).eval(),
+                                    feature_extractor=ReferenceProcessor.from_pretrained(da_folder))
+    ref.set_progress_bar_config(disable=True)
+    image = PIL.Image.open(photo_file)
+    same(run(ours, image), run(ref, image), "ours (single file + Depth Anything V2 by name) vs diffusers")
+    with pytest.raises(ValueError, match="did you mean depth-anything-v2-small"):
+        StableDiffusionDepth2ImgPipeline.from_single_file(tmp_path / "nowhere.safetensors",
+                                                          depth_estimator="depth-anything-v2-smal")
+
+
 # ------------------------------------------------------------------------------------------------ the README example
 def readme_example() -> str:
     text = (REPO / "README.md").read_text()

@@ -13,33 +13,47 @@ from .loader import read_json
 def load_components(path_or_repo_id, *, dtype=None, variant=None, revision=None, cache_dir=None,
                     local_files_only=False, device=None, depth_estimator=None, feature_extractor=None) -> dict:
     """The seven components of a checkpoint folder (or Hub repo), ready for the pipeline's constructor.
-
-    The depth slot (minidepth/depth.py): a given `depth_estimator` replaces the checkpoint's, which is then not
-    loaded: a model of the slot's protocol (used as given), or a name, folder or repo id of depth_models.py (loaded
-    in `dtype` on `device`, with its own preprocessing; "dpt-hybrid": the checkpoint's own). A given
-    `feature_extractor` replaces the preprocessing (default: the named model's own, else the checkpoint's). Both are
-    checked (and a name resolved) before anything loads."""
-    from ..depth import check_depth_estimator, check_feature_extractor
-    from .depth_models import DEFAULT, DepthModelSource, load_depth_model, resolve_depth_model
-    by_name = isinstance(depth_estimator, (str, os.PathLike, DepthModelSource))
-    if by_name and str(depth_estimator).strip() == DEFAULT:
-        depth_estimator, by_name = None, False
-    if not by_name:
-        check_depth_estimator(depth_estimator)
-    check_feature_extractor(feature_extractor)
-    source = resolve_depth_model(depth_estimator, cache_dir=cache_dir,
-                                 local_files_only=local_files_only) if by_name else None
-    skip = (("depth_estimator",) if depth_estimator is not None else ()) + \
-        (("feature_extractor",) if feature_extractor is not None or by_name else ())
+    `depth_estimator` / `feature_extractor`: see `DepthSlot`."""
+    slot = DepthSlot(depth_estimator, feature_extractor, cache_dir=cache_dir, local_files_only=local_files_only)
     components = _checkpoint_components(path_or_repo_id, dtype=dtype, variant=variant, revision=revision,
                                         cache_dir=cache_dir, local_files_only=local_files_only, device=device,
-                                        skip=skip)
-    if by_name:
-        depth_estimator, processor = load_depth_model(source, dtype=dtype, device=device, variant=variant)
-        feature_extractor = feature_extractor or processor
-    for name, given in (("depth_estimator", depth_estimator), ("feature_extractor", feature_extractor)):
-        components[name] = given if given is not None else components[name]
-    return components
+                                        skip=slot.skip)
+    return slot.fill(components, dtype=dtype, device=device, variant=variant)
+
+
+class DepthSlot:
+    """What a loader is given for the depth slot (minidepth/depth.py), checked (and a name resolved) before anything
+    loads. A given `depth_estimator` replaces the checkpoint's, which is then not loaded: a model of the slot's
+    protocol (used as given), or a name, folder or repo id of depth_models.py (loaded in the checkpoint's dtype on its
+    device, with its own preprocessing; "dpt-hybrid": the checkpoint's own). A given `feature_extractor` replaces the
+    preprocessing (default: the named model's own, else the checkpoint's)."""
+
+    def __init__(self, depth_estimator=None, feature_extractor=None, *, cache_dir=None, local_files_only=False):
+        from ..depth import check_depth_estimator, check_feature_extractor
+        from .depth_models import DEFAULT, DepthModelSource, resolve_depth_model
+        by_name = isinstance(depth_estimator, (str, os.PathLike, DepthModelSource))
+        if by_name and str(depth_estimator).strip() == DEFAULT:
+            depth_estimator, by_name = None, False
+        if not by_name:
+            check_depth_estimator(depth_estimator)
+        check_feature_extractor(feature_extractor)
+        self.source = resolve_depth_model(depth_estimator, cache_dir=cache_dir,
+                                          local_files_only=local_files_only) if by_name else None
+        self.depth_estimator, self.feature_extractor = (None if by_name else depth_estimator), feature_extractor
+        # the checkpoint's components that are not to be loaded
+        self.skip = (("depth_estimator",) if depth_estimator is not None else ()) + \
+            (("feature_extractor",) if feature_extractor is not None or by_name else ())
+
+    def fill(self, components: dict, *, dtype=None, device=None, variant=None) -> dict:
+        """`components` (the checkpoint's, None where skipped) with the slot's given or named models in."""
+        depth_estimator, feature_extractor = self.depth_estimator, self.feature_extractor
+        if self.source is not None:
+            from .depth_models import load_depth_model
+            depth_estimator, processor = load_depth_model(self.source, dtype=dtype, device=device, variant=variant)
+            feature_extractor = feature_extractor or processor
+        for name, given in (("depth_estimator", depth_estimator), ("feature_extractor", feature_extractor)):
+            components[name] = given if given is not None else components[name]
+        return components
 
 
 def _checkpoint_components(path_or_repo_id, *, dtype, variant, revision, cache_dir, local_files_only, device,

@@ -224,11 +224,16 @@ def _warn_if_schedule_differs(file: TensorFile, scheduler_config: dict) -> None:
 
 # ------------------------------------------------------------------------------------------------ loading
 def load_single_file(path: str | os.PathLike, config: str | os.PathLike | None = None, *,
-                     dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> dict:
-    """The seven pipeline components from one original single file (see the module docstring)."""
+                     dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                     depth_estimator=None, feature_extractor=None) -> dict:
+    """The seven pipeline components from one original single file (see the module docstring).
+    `depth_estimator` / `feature_extractor` fill the depth slot instead of the file's DPT-Hybrid (components.DepthSlot):
+    the file is still checked whole, but its depth_model.* tensors are then not loaded."""
     from ..dpt_processing import DPTImageProcessor
     from ..schedulers import scheduler_from_config
     from ..tokenizer import CLIPTokenizer
+    from .components import DepthSlot
+    slot = DepthSlot(depth_estimator, feature_extractor)  # checked before the file is read
     folder = Path(config) if config is not None else PACKAGED_CONFIGS
     file = TensorFile(path)  # opened once; safetensors are memory-mapped, pickles read with weights_only=True
     configs = network_configs(folder)
@@ -236,12 +241,14 @@ def load_single_file(path: str | os.PathLike, config: str | os.PathLike | None =
     check_is_sd2_depth(file, configs)
     check_whole_file(file, configs, scheduler_config.get("num_train_timesteps", 1000))
     _warn_if_schedule_differs(file, scheduler_config)
-    components = {name: cls.from_single_file(file, configs[name], dtype=dtype, device=device)
+    components = {name: None if name in slot.skip else cls.from_single_file(file, configs[name], dtype=dtype,
+                                                                             device=device)
                   for name, cls in network_classes().items()}
     components["tokenizer"] = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     components["scheduler"] = scheduler_from_config(scheduler_config)
-    components["feature_extractor"] = DPTImageProcessor.from_pretrained(folder / "feature_extractor")
-    return components
+    components["feature_extractor"] = None if "feature_extractor" in slot.skip else \
+        DPTImageProcessor.from_pretrained(folder / "feature_extractor")
+    return slot.fill(components, dtype=dtype, device=device)
 
 
 # ------------------------------------------------------------------------------------------------ writing
