@@ -128,17 +128,20 @@ def server(folder, checkpoint):
         f"the server logged an unexpected traceback:\n{log.read_text()}"
 
 
-@pytest.fixture(scope="module")
-def reference(folder, checkpoint) -> Path:
-    """`minidepth generate` with the settings the tests type into the page."""
-    out = folder / "cli.png"
+def cli_generate(folder: Path, checkpoint: Path, out: Path, *options: str) -> Path:
+    """`minidepth generate` with the settings the tests type into the page (and `options`)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-m", "minidepth", "generate", "--model", str(checkpoint), "--image",
                              str(folder / "photo.png"), "--prompt", PROMPT, "--device", "cpu", "--out", str(out),
-                             "--quiet", *[x for k, v in SETTINGS.items() for x in (f"--{k}", str(v))]],
+                             "--quiet", *[x for k, v in SETTINGS.items() for x in (f"--{k}", str(v))], *options],
                             env=env, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
     return out
+
+
+@pytest.fixture(scope="module")
+def reference(folder, checkpoint) -> Path:
+    return cli_generate(folder, checkpoint, folder / "cli.png")
 
 
 def assert_served_png(data: bytes, reference: Path, seed: int) -> None:
@@ -219,6 +222,10 @@ def test_browser_bad_input_shows_a_message(page, server, folder):
     fill(page, "#words textarea", "dog")
     page.click("#generate")
     toast(page, "'dog' not in the prompt")
+    fill(page, "#words textarea", "")
+    fill(page, "#width input", 12)
+    page.click("#generate")
+    toast(page, "width 12: must be a multiple of 8, at least 8 (e.g. 16)")
     with urllib.request.urlopen(server[0], timeout=10) as response:  # the server keeps running
         assert response.status == 200
 
@@ -252,6 +259,18 @@ def test_client_api_equals_cli(client, folder, reference):
     first = int(seed_used)
     assert [PIL.Image.open(x["image"]).text["parameters"].count(f"Seed: {first + i},") for i, x in
             enumerate(images)] == [1, 1]
+
+
+def test_client_api_width_and_height_equal_cli(client, folder, checkpoint):
+    """The page's width / height resize the photo first, as `generate --width/--height` (one alone: the aspect ratio
+    kept; 128x96 -> 64x48 and 80x40)."""
+    for options, size in [(("--width", "64"), (64, 48)), (("--width", "80", "--height", "40"), (80, 40))]:
+        expected = cli_generate(folder, checkpoint, folder / f"cli-{size[0]}x{size[1]}.png", *options)
+        sides = {option[2:]: int(value) for option, value in zip(options[::2], options[1::2])}
+        images, seed_used, *_ = client.predict(*arguments(folder / "photo.png"), api_name="/generate", **sides)
+        got = pixels(Path(images[0]["image"]))
+        assert got.shape[:2] == size[::-1], f"{options}: the page made {got.shape[1]}x{got.shape[0]}"
+        assert np.array_equal(got, pixels(expected)), f"{options}: the page's image differs from the command line's"
 
 
 def test_client_api_progress_per_step(client, folder):

@@ -192,6 +192,10 @@ def test_hostile_input_is_a_message_and_the_server_goes_on(server, folder):
         "text strength": ({"strength": "abc"}, "strength 'abc': must be a finite number"),
         "2.5 steps": ({"steps": 2.5}, "steps 2.5: must be an integer >= 1"),
         "-inf guidance": ({"guidance": float("-inf")}, "guidance -inf: must be a finite number"),
+        "NaN width": ({"width": float("nan")}, "width nan: must be a finite number"),
+        "width 12": ({"width": 12}, "width 12: must be a multiple of 8, at least 8 (e.g. 16)"),
+        "60000 wide": ({"width": 60000}, "the photo, resized, is 60000x45000 pixels (2700.0 Mpx): images are "
+                                         "generated at most 4.2 Mpx (2048x2048); choose a smaller width / height"),
     }
     rows, baseline = [], None
     for name, (changes, message) in cases.items():

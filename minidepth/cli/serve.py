@@ -43,6 +43,7 @@ from ..image_files import MAX_PIXELS
 
 MAX_UPLOAD = "50mb"  # gradio refuses larger uploads (the pixel limits apply besides)
 PAGE_TOO_LARGE = "; upload a smaller photo (or start the server with a larger --max-pixels)"
+PAGE_SIZE_TOO_LARGE = "; choose a smaller width / height (or start the server with a larger --max-pixels)"
 # the page's sample photo, minidepth/data/sample-photo.png (scripts/make_sample_photo.py draws it)
 SAMPLE_PHOTO = Path(__file__).resolve().parents[1] / "data" / "sample-photo.png"
 OWN_SCHEDULER = "checkpoint's own"
@@ -122,9 +123,10 @@ class Studio:
     def generate(self, photo: str | None, prompt: str, negative_prompt: str, strength: float, steps: int,
                  guidance: float, seed, scheduler: str, num_images: int, depth_file: str | None, words: str,
                  filmstrip: bool, mode: str = "diffusers", crop_padding: bool = False, depth_model: str | None = None,
-                 warn=None, progress=None) -> dict:
+                 width=None, height=None, warn=None, progress=None) -> dict:
         """Check everything first (CLIError), then generate; mode="ldm" (+ crop_padding) as `generate --mode ldm`;
-        `depth_model` one of `depth_choices` (or any name, folder or repo id; None: the one loaded first).
+        `depth_model` one of `depth_choices` (or any name, folder or repo id; None: the one loaded first);
+        `width` / `height` as `generate --width/--height` (0 or None: the photo's own).
         Returns {"images": [PNG paths], "seed": first seed, "depth": PNG path, "filmstrip": PNG path or None,
         "attention": [(PNG path, caption)]}."""
         from ..generation import Job, Wording, check
@@ -138,7 +140,8 @@ class Studio:
         s = {**GENERATE_DEFAULTS, "image": [photo], "prompt": prompt or "", "negative_prompt": negative_prompt or None,
              "strength": strength, "steps": steps, "guidance": guidance, "seed": seed,
              "scheduler": key, "depth_map": depth_file or None, "dtype": self.dtype, "mode": mode or "diffusers",
-             "depth_model": depth_model or self.depth_models.current}
+             "depth_model": depth_model or self.depth_models.current,
+             "width": None if width in (None, "", 0) else width, "height": None if height in (None, "", 0) else height}
         try:
             num_images, ldm = to_integer(num_images, "--num-images", "an integer >= 1"), s["mode"] == "ldm"
         except ValueError as e:
@@ -166,14 +169,18 @@ class Studio:
         job = Job(prompt=s["prompt"], photo=open_image(photo, _Warnings(warn), "photo", self.max_pixels, limit),
                   photo_path=photo, max_pixels=self.max_pixels,
                   model=self.model, negative_prompt=s["negative_prompt"], strength=s["strength"], steps=s["steps"],
+                  width=s["width"], height=s["height"],
                   guidance=s["guidance"], seed=seed, scheduler=key, num_images=num_images,
                   depth_map=read_depth_map(depth_file, self.max_pixels) if depth_file else None,
                   depth_map_path=s["depth_map"],
                   mode=s["mode"], crop_padding=bool(crop_padding), variant=self.variant, revision=self.revision,
                   dtype=self.dtype, depth_model=s["depth_model"])
         try:  # the photo's size, the depth map's aspect ratio: in the page's words
-            check(job, warn, Wording(photo="the photo", depth_map="the depth map", resize_hint="", small_hint="",
-                                     large_hint=PAGE_TOO_LARGE, limit=limit))
+            check(job, warn, Wording(photo="the photo", depth_map="the depth map",
+                                     resize_hint=" (width / height choose the size)",
+                                     small_hint=" (or set width / height to resize it)",
+                                     large_hint=PAGE_SIZE_TOO_LARGE if s["width"] or s["height"] else PAGE_TOO_LARGE,
+                                     limit=limit))
         except ValueError as e:
             raise CLIError(str(e)) from e
         with self.lock:  # the queue already runs one job at a time; the lock makes it a rule of this class
@@ -249,7 +256,7 @@ def build_app(studio: Studio, analytics: bool = False):
     import gradio as gr
 
     def generate(photo, prompt, negative_prompt, strength, steps, guidance, seed, scheduler, num_images, depth_file,
-                 words, filmstrip, mode="diffusers", crop_padding=False, depth_model=None,
+                 words, filmstrip, mode="diffusers", crop_padding=False, depth_model=None, width=0, height=0,
                  progress=gr.Progress()):  # noqa: B008 (gradio's way to ask for a bar)
         def warn(message):
             studio.console.warn(message)
@@ -257,7 +264,7 @@ def build_app(studio: Studio, analytics: bool = False):
         try:
             out = studio.generate(photo, prompt, negative_prompt, strength, steps, guidance, seed, scheduler,
                                   num_images, depth_file, words, filmstrip, mode, crop_padding, depth_model,
-                                  warn=warn, progress=progress)
+                                  width, height, warn=warn, progress=progress)
         except CLIError as e:
             studio.console.warn(f"refused: {e}")
             message = page_message(e)
@@ -301,6 +308,11 @@ def build_app(studio: Studio, analytics: bool = False):
                     reuse = gr.Button("reuse last seed", size="sm")
                     scheduler = gr.Dropdown([OWN_SCHEDULER, *SCHEDULERS], value=OWN_SCHEDULER, label="Scheduler",
                                             elem_id="scheduler")
+                with gr.Row():  # the photo resized first, as `generate --width/--height`
+                    width = gr.Number(value=0, precision=0, minimum=0, label="Width (0: the photo's; one alone keeps "
+                                      "its aspect ratio)", elem_id="width")
+                    height = gr.Number(value=0, precision=0, minimum=0, label="Height (0: the photo's; multiples of 8)",
+                                       elem_id="height")
                 with gr.Row():
                     mode = gr.Radio(["diffusers", "ldm"], value="diffusers", label="Mode", elem_id="mode",
                                     info="ldm: as Stability's original depth2img script: the photo padded to multiples "
@@ -332,7 +344,8 @@ def build_app(studio: Studio, analytics: bool = False):
                 attention_out = gr.Gallery(label="Attention maps per word", columns=3, format="png",
                                            elem_id="attention")
         _say_which_input({"photo": photo, "strength": strength, "steps": steps, "guidance": guidance, "seed": seed,
-                          "number of images": num_images, "mode": mode}, gr, studio.max_pixels)
+                          "number of images": num_images, "mode": mode, "width": width, "height": height}, gr,
+                         studio.max_pixels)
 
         def switch_mode(chosen, strength_now, guidance_now):  # a value still at the other mode's default follows
             from .args import LDM_DEFAULTS
@@ -348,7 +361,8 @@ def build_app(studio: Studio, analytics: bool = False):
         reuse.click(lambda used: int(used) if used else -1, inputs=seed_used, outputs=seed, api_name=False,
                     queue=False)
         run_button.click(generate, inputs=[photo, prompt, negative, strength, steps, guidance, seed, scheduler,
-                                           num_images, depth_file, words, filmstrip, mode, crop, depth_model],
+                                           num_images, depth_file, words, filmstrip, mode, crop, depth_model,
+                                           width, height],
                          outputs=[gallery, seed_used, files, depth_out, film_out, attention_out], api_name="generate")
     return demo
 
@@ -370,8 +384,8 @@ def _say_which_input(inputs: dict, gr, max_pixels: int = MAX_PIXELS) -> None:
                 if name == "photo" and getattr(payload, "path", None):
                     shown = getattr(payload, "orig_name", None) or Path(payload.path).name
                     with open_image_file(payload.path, shown, max_pixels=max_pixels,
-                                         raise_with="the server's --max-pixels") as img:  # the page cannot resize:
-                        check_generation_size(img.size, shown, max_pixels, PAGE_TOO_LARGE)  # the photo's own size
+                                         raise_with="the server's --max-pixels") as img:  # the photo's own size
+                        check_generation_size(img.size, shown, max_pixels, PAGE_TOO_LARGE)  # (decoding it is the risk)
                 return original(payload)
             except Exception as e:
                 detail = getattr(e, "message", None) or str(e)
