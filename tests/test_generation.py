@@ -76,7 +76,8 @@ def test_generate_batch_and_the_page_make_the_same_files(tiny_checkpoint, tmp_pa
                           s["scheduler"], s["num_images"], None, "", False, warn=warnings.append)
     from_page = out["images"]
     assert [Path(p).name for p in from_page] == ["minidepth-7.png", "minidepth-8.png"]  # seed + i per image
-    assert warnings == ["the photo is 100x68 pixels; sides must be multiples of 8, so it is resized to 96x64"]
+    assert warnings == ["the photo is 100x68 pixels; sides must be multiples of 8, so it is resized to 96x64 "
+                        "(width / height choose the size)"]  # the page's own fields
 
     for i, (cli, batch, page) in enumerate(zip(from_cli, from_batch, from_page)):
         reference = pixels(cli)
