@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from . import image_processing
 from .adapters.lora import lora_layers, lora_scale
 from .adapters.pipeline import AdaptersMixin
+from .cpu_memory import release_file_pages
 from .fast_kernels import fast_kernels
 from .noise import randn_tensor
 from .observers import Observable
@@ -140,6 +141,8 @@ class StableDiffusionDepth2ImgPipeline(AdaptersMixin, MemorySwitchesMixin, Obser
                              constant_inputs=constants):
             if self._offload_device is None:
                 yield model
+                if model is self.text_encoder and model is not None:  # idle until the next call: see cpu_memory.py
+                    release_file_pages(model.parameters())
                 return
             model.to(self._offload_device)
             try:

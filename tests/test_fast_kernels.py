@@ -245,7 +245,7 @@ def test_kept_transforms_are_reused_until_the_weight_changes(inference_weights):
                                b, padding=1), 1e-5, "kept transforms", relative=True)
 
 
-@pytest.mark.parametrize("shape,stride,padding", [((2, 16, 12, 12), 1, 1), ((2, 16, 24, 23), 2, 1),
+@pytest.mark.parametrize("shape,stride,padding", [((2, 16, 18, 18), 1, 1), ((2, 16, 24, 23), 2, 1),
                                                   ((1, 16, 14, 14), 1, 0)])
 def test_prepacked_convolutions_within_the_budget(shape, stride, padding, monkeypatch):
     """keep_transforms=True: weights of PREPACK_MIN_BYTES or more, convolved between the matrix-product and the NNPACK
@@ -350,12 +350,16 @@ def test_every_scheduler_fast_vs_exact(pipe, scheduler, monkeypatch):
     (its kernels kept over the steps) and the VAE, upsampling + NNPACK for the VAE's last upsampler, channels-last
     and 1x1 convolutions, NNPACK in the VAE (in bands: NNPACK_CALL_BYTES lowered to 256 kB) and, its threshold
     lowered, in the UNet's 16x16 level (the two guidance halves stacked), prepacked weights (the size threshold
-    lowered) and the text embeddings' key and value products kept over the steps."""
+    lowered), Winograd's F(2x2, 3x3) at its 8x8 level (the thresholds lowered) and the text embeddings' key and
+    value products kept over the steps."""
     monkeypatch.setattr(fk, "NNPACK_POSITIONS", 16 * 16)
     monkeypatch.setattr(nnpack, "NNPACK_CALL_BYTES", 256 << 10)
     monkeypatch.setattr(fk, "PREPACK_MIN_BYTES", 0)  # every in-between convolution prepacked over the loop
-    used = {"prepacked": 0, "product": 0}
-    for kernel, name in ((fk.conv2d_prepacked, "prepacked"), (fk.constant_product, "product")):
+    monkeypatch.setattr(fk, "LOW_RES_POSITIONS", 4 * 4)
+    monkeypatch.setattr(fk, "WINOGRAD_POSITIONS", 8 * 8)
+    used = {"prepacked": 0, "product": 0, "winograd": 0}
+    for kernel, name in ((fk.conv2d_prepacked, "prepacked"), (fk.constant_product, "product"),
+                         (fk.conv3x3_winograd, "winograd")):
         def counted(*args, _kernel=kernel, _name=name, **kwargs):
             out = _kernel(*args, **kwargs)
             used[_name] += out is not None
@@ -370,7 +374,7 @@ def test_every_scheduler_fast_vs_exact(pipe, scheduler, monkeypatch):
             generator=torch.Generator().manual_seed(0)).images)
     finally:
         pipe.scheduler = saved
-    assert used["prepacked"] > 0 and used["product"] > 0, used
+    assert all(count > 0 for count in used.values()), used
     assert_near(fast, exact, 1e-3, f"images, {name}{overrides or ''}")
 
 

@@ -47,8 +47,8 @@ def test_import_with_reference_libraries_blocked():
 # is a foundation: it imports nothing at import time.
 LAYERS = [
     ("foundations", {"minidepth", "minidepth.tokenizer", "minidepth.noise", "minidepth.fast_kernels",
-                     "minidepth.cpu_memory", "minidepth.nnpack", "minidepth.image_processing", "minidepth.image_files",
-                     "minidepth.dpt_processing", "minidepth.console"}),
+                     "minidepth.cpu_memory", "minidepth.nnpack", "minidepth.winograd", "minidepth.image_processing",
+                     "minidepth.image_files", "minidepth.dpt_processing", "minidepth.console"}),
     ("models, schedulers", {"minidepth.models", "minidepth.schedulers"}),
     ("checkpoints, adapters, depth", {"minidepth.checkpoints", "minidepth.adapters", "minidepth.depth"}),
     ("pipeline", {"minidepth.pipeline", "minidepth.pipeline_io", "minidepth.pipeline_switches", "minidepth.ldm_mode",
