@@ -53,7 +53,11 @@ about those defaults cost time (measured on a 2-core AMD EPYC, fp32, official SD
    weights 16/9 the kernel's size (640 channels 17.3 -> 11.0 ms, 1280 channels 62.8 -> 35.8 ms, batch 2). Those
    are made once per weight and kept with it across blocks, up to WINOGRAD_BYTES, so a second image pays nothing;
    the kernel's own pages of the memory-mapped checkpoint are then given back (`cpu_memory.release_file_pages`),
-   so each kept transform costs 7/16 of its size in resident memory (199 MB at 256x256, 553 MB at 512x512).
+   so each kept transform costs 7/16 of its size in resident memory: 425 MB kept for 239 MB given back at 256x256
+   (the 640-channel level), 1300 for 731 MB at 512x512 (the 1280-channel one). Below 16x16 positions the kernels'
+   sizes outweigh the arithmetic saved (1.36 GB more for ~90 ms per call at 256x256); from 32x32 on, NNPACK's
+   F(6x6, 3x3) is as fast and keeps nothing. With AVX2 (oneDNN limited to it on the same CPU) oneDNN's own 16x16
+   convolution is as fast as Winograd (640 channels 12.1 against 12.0 ms, 1280 41.8 against 42.0): AVX-512 only.
 
 `fast_kernels()` is a context manager that routes `F.linear` and `F.conv2d` calls made inside it (by any module) to
 those kernels (and notes which tensors are nearest 2x upsamplings, for point 3), when they are CPU float32 inference calls (no autograd graph being recorded); every other call, and
@@ -180,7 +184,7 @@ def conv2d_as_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     """
     B, O = x.shape[0], weight.shape[0]
     cols = im2col(x, weight.shape[-2:], padding, stride, out_size)  # (B, C*kh*kw, Ho*Wo)
-    if _weight_first():
+    if _avx512():
         images = [linear(weight.reshape(O, -1), cols[b].T) for b in range(B)]  # (O, Ho*Wo) each
         out = (images[0][None] if B == 1 else torch.stack(images)).view(B, O, *out_size)
         return out if bias is None else out.add_(bias.view(O, 1, 1))
@@ -206,8 +210,8 @@ def im2col(x: torch.Tensor, kernel: tuple[int, int], padding, stride, out_size: 
 
 
 @functools.cache
-def _weight_first() -> bool:
-    """The CPU runs PyTorch's and oneDNN's AVX-512 code (for conv2d_as_matmul's choice)."""
+def _avx512() -> bool:
+    """The CPU runs PyTorch's and oneDNN's AVX-512 code (conv2d_as_matmul's choice; Winograd only there, point 9)."""
     return torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
@@ -240,7 +244,8 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> t
         same_size = stride == (1, 1) and out_size == (H, W)  # an odd kernel, half its size as padding
         if same_size and (kh, kw) == (1, 1):
             return conv1x1(x, weight, bias)
-        if same_size and (kh, kw) == (3, 3) and H * W <= WINOGRAD_POSITIONS and H % 2 == 0 and W % 2 == 0:
+        if (same_size and (kh, kw) == (3, 3) and H * W <= WINOGRAD_POSITIONS and H % 2 == 0 and W % 2 == 0
+                and _avx512()):
             U = _kept_winograd_weights(weight)
             if U is not None:
                 return conv3x3_winograd(x, U, bias, linear)

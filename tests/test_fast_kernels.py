@@ -67,7 +67,7 @@ def test_linear(shape, bias):
 @pytest.mark.parametrize("weight_first", [True, False], ids=["avx512-layout", "avx2-layout"])
 def test_conv2d(shape, kernel, stride, padding, weight_first, monkeypatch):
     """(weight_first: both ways conv2d_as_matmul multiplies, whichever CPU runs the test.)"""
-    monkeypatch.setattr(fk, "_weight_first", lambda: weight_first)
+    monkeypatch.setattr(fk, "_avx512", lambda: weight_first)
     g = torch.Generator().manual_seed(1)
     x, w, b = (torch.randn(*shape, generator=g), torch.randn(12, shape[1], kernel, kernel, generator=g),
                torch.randn(12, generator=g))
@@ -357,6 +357,7 @@ def test_every_scheduler_fast_vs_exact(pipe, scheduler, monkeypatch):
     monkeypatch.setattr(fk, "PREPACK_MIN_BYTES", 0)  # every in-between convolution prepacked over the loop
     monkeypatch.setattr(fk, "LOW_RES_POSITIONS", 4 * 4)
     monkeypatch.setattr(fk, "WINOGRAD_POSITIONS", 8 * 8)
+    monkeypatch.setattr(fk, "_avx512", lambda: True)  # Winograd's choice on any CPU (and im2col weight-first)
     used = {"prepacked": 0, "product": 0, "winograd": 0}
     for kernel, name in ((fk.conv2d_prepacked, "prepacked"), (fk.constant_product, "product"),
                          (fk.conv3x3_winograd, "winograd")):

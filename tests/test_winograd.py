@@ -42,6 +42,7 @@ def test_winograd_runs_in_the_loop_kept_across_loops_until_the_weight_changes(mo
     """Inside a keep_transforms block a 3x3 convolution of 8x8 < positions <= 16x16 runs Winograd; its transformed
     weight is made once and kept across blocks, made again after an in-place change, and not made outside a block,
     at other sizes, or past WINOGRAD_BYTES (the others run as before). Every result is F.conv2d's within rounding."""
+    monkeypatch.setattr(fk, "_avx512", lambda: True)  # (chosen on AVX-512 CPUs only; the kernel runs on any)
     made, ran = [], []
     monkeypatch.setattr(fk, "winograd_weights", lambda w: made.append(w) or winograd_weights(w))
     monkeypatch.setattr(fk, "conv3x3_winograd",
@@ -113,13 +114,15 @@ def test_released_pages_come_back_with_the_same_values_and_written_ones_stay(tmp
 
 
 @linux
-def test_the_text_encoder_gives_its_pages_back_after_the_prompt_and_the_next_image_is_the_same(tiny_checkpoint):
+def test_the_text_encoder_gives_its_pages_back_after_the_prompt_and_the_next_image_is_the_same(tiny_checkpoint,
+                                                                                               monkeypatch):
     """The pipeline releases the text encoder's pages at the end of its stage (it is idle until the next call); the
     next call reads them again: exact mode gives the same bits, and the fast mode too (its Winograd transforms,
     made by the first call, are reused by the second)."""
     from test_pipeline import photo
 
     from minidepth import StableDiffusionDepth2ImgPipeline
+    monkeypatch.setattr(fk, "_avx512", lambda: True)  # Winograd on any CPU
     pipe = StableDiffusionDepth2ImgPipeline.from_pretrained(tiny_checkpoint)
     pipe.set_progress_bar_config(disable=True)
     weights = next((tiny_checkpoint / "text_encoder").glob("*.safetensors")).resolve()
