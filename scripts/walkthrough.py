@@ -206,8 +206,9 @@ def watch_block(rec: Recorder, transformer: SpatialTransformer) -> dict:
     return scores
 
 
-KERNELS = {  # name -> what fast_kernels.py routes there (points 1-8 of its docstring)
+KERNELS = {  # name -> what fast_kernels.py routes there (points 1-9 of its docstring)
     "conv3x3_nnpack": "3×3 convolution by NNPACK's Winograd F(6×6, 3×3)",
+    "conv3x3_winograd": "3×3 convolution by Winograd's F(2×2, 3×3), weights transformed once (AVX-512)",
     "conv2d_as_matmul": "convolution as im2col + one matrix product",
     "upsample2x_conv3x3": "nearest 2× upsample + 3×3 convolution, folded into four 2×2 convolutions",
     "conv1x1": "1×1 convolution as a matrix product by oneDNN",
@@ -224,7 +225,7 @@ class KernelTally(observers.Observer):
     """Which kernel `fast_kernels` picks for every F.linear / F.conv2d call, per stage of the pipeline. The stages come
     from the pipeline's own announcements (this is an observer); the kernels are replaced by recorders that compute
     the same shapes with plain F.conv2d / F.linear on the meta tensors, and meta float32 counts as CPU float32. As on
-    a CPU with oneDNN and NNPACK (x86-64 with AVX2), whatever machine generates the page."""
+    a CPU with oneDNN, NNPACK and AVX-512 (x86-64), whatever machine generates the page."""
 
     def __init__(self):
         self.stage, self.counts, self.sites = None, {}, {}
@@ -263,6 +264,7 @@ class KernelTally(observers.Observer):
             "linear": F.linear,
             "conv1x1": F.conv2d,
             "conv3x3_nnpack": lambda x, w, b: F.conv2d(x, w, b, padding=1),
+            "conv3x3_winograd": lambda x, U, b, matmul: x.new_empty(x.shape[0], U.shape[1], *x.shape[2:]),
             "conv2d_as_matmul": lambda x, w, b, stride, padding, out_size: F.conv2d(x, w, b, stride, padding),
             "upsample2x_conv3x3": lambda x, w, b: F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), w, b,
                                                            padding=1),
@@ -280,7 +282,8 @@ class KernelTally(observers.Observer):
             for name, compute in plain.items():
                 stack.enter_context(mock.patch.object(kernels, name, recorder(name, compute)))
             for name, value in (("conv2d", conv2d), ("_cpu_inference", meta_is_cpu),
-                                ("available", lambda: True), ("nnpack_available", lambda: True)):
+                                ("available", lambda: True), ("nnpack_available", lambda: True),
+                                ("_avx512", lambda: True)):
                 stack.enter_context(mock.patch.object(kernels, name, value))
             yield self
 
@@ -566,7 +569,8 @@ def kernel_layer(tally: KernelTally) -> dict:
     code["channels-last"] = find(kernels.conv2d, "x = x.contiguous(memory_format=torch.channels_last)")
     code["default"] = find(kernels.conv2d, "return F.conv2d(x, weight, bias, stride, padding, dilation, groups)")
     constants = {"low_res": "LOW_RES_POSITIONS", "high_res": "HIGH_RES_POSITIONS",
-                 "nnpack_positions": "NNPACK_POSITIONS", "nnpack_channels": "NNPACK_MIN_CHANNELS"}
+                 "nnpack_positions": "NNPACK_POSITIONS", "nnpack_channels": "NNPACK_MIN_CHANNELS",
+                 "winograd": "WINOGRAD_POSITIONS"}
     square = lambda n: f"{math.isqrt(n)} × {math.isqrt(n)}" if math.isqrt(n) ** 2 == n else str(n)  # noqa: E731
     rows = [(KERNELS[name], code[name], *(tally.counts.get(name, {}).get(stage, 0) for stage in STAGES),
              tally.sites[name][1] if name in tally.sites else "")
@@ -584,6 +588,9 @@ def kernel_layer(tally: KernelTally) -> dict:
             "prepack_min": kernels.PREPACK_MIN_BYTES >> 20, "prepack_mb": kernels.PREPACK_BYTES >> 20,
             "prepack_min_line": find(kernels, "PREPACK_MIN_BYTES = ", whole=True),
             "prepack_line": find(kernels, "PREPACK_BYTES = ", whole=True),
+            "winograd_mb": kernels.WINOGRAD_BYTES >> 20,
+            "winograd_bytes_line": find(kernels, "WINOGRAD_BYTES = ", whole=True),
+            "winograd_kept": find(kernels, "_winograd_kept = ", whole=True),
             "constant": find(kernels._FastKernels.__torch_function__, "return constant_product(*args, **kwargs)"),
             "reuse": find(kernels._FastKernels.__enter__, "self.held.enter_context(reusing_freed_memory())"),
             "reuse_def": define(cpu_memory.reusing_freed_memory),
@@ -849,6 +856,11 @@ that compute the same maths with a different rounding (images within 1e-3; its d
   phase (4 instead of 9 multiply-adds per output, and the upsampled image never built). The mode notes which tensors
   `F.interpolate` made by nearest doubling ({noted}), so that the convolution reading one of them is folded
   ({folded});
+- in the denoising loop, on a CPU with AVX-512, a 3×3 convolution on more than {low_res} and at most {winograd}
+  positions ({winograd_line}), the UNet's middle levels: Winograd's F(2×2, 3×3) (`minidepth/winograd.py`), 16
+  instead of 36 multiplications per 2×2 block of outputs and channel pair, as 16 matrix products on transformed
+  weights; those are made by the first image and kept with their weights ({winograd_kept}), up to {winograd_mb} MB
+  ({winograd_bytes_line}), and the kernels' own pages of the checkpoint are given back;
 - a 1×1 convolution, and every `F.linear`: one matrix product by oneDNN;
 - any other convolution from {high_res} positions ({high_res_line}): channels-last memory layout;
 - in the denoising loop, which calls the UNet with the same weights at every step, the largest weights of the
@@ -865,9 +877,9 @@ through `conv2d` ({dispatcher}); everything else runs unchanged. The pipeline op
 environment ({env}) or `--exact` on the command line gives back PyTorch's kernels and bit-identical images. (A
 compiled UNet runs without it too: inductor writes its own kernels.)
 
-For this run the script counted where each call would go, on a CPU with oneDNN and NNPACK, per stage of the pipeline
-(the stages as the pipeline announces them, section 9; `denoise` is one of the {n_loop} UNet calls, `prompt` the two
-text-encoder calls):
+For this run the script counted where each call would go, on a CPU with oneDNN, NNPACK and AVX-512, per stage of
+the pipeline (the stages as the pipeline announces them, section 9; `denoise` is one of the {n_loop} UNet calls,
+`prompt` the two text-encoder calls):
 
 {kernels}
 
