@@ -110,7 +110,7 @@ class _Store(dict):
         self.lasting = []
 
 
-_winograd_kept = torch.utils.weak.WeakIdKeyDictionary()  # weight -> (its state, U): point 9, across blocks
+_winograd_kept = torch.utils.weak.WeakIdKeyDictionary()  # weight -> ((state, sample), U): point 9, across blocks
 _winograd_lock = threading.Lock()
 
 
@@ -144,16 +144,25 @@ def _kept_winograd_weights(weight: torch.Tensor) -> torch.Tensor | None:
     stores = getattr(_blocks, "kept", None)
     if not stores:
         return None
+    state = (_state(weight), _sample(weight))
     with _winograd_lock:  # (one pipeline's loops may run on several threads, a web page's)
         entry = _winograd_kept.get(weight)
-        if entry is not None and entry[0] == _state(weight):
+        if entry is not None and entry[0][0] == state[0] and torch.equal(entry[0][1], state[1]):
             return entry[1]
         kept = sum(U.nbytes for _, U in _winograd_kept.values()) - (entry[1].nbytes if entry else 0)
         if kept + weight.nbytes * 16 // 9 > WINOGRAD_BYTES:
             return None
-        _winograd_kept[weight] = entry = (_state(weight), winograd_weights(weight))
+        _winograd_kept[weight] = entry = (state, winograd_weights(weight))
     stores[-1].lasting.append(weight)
     return entry[1]
+
+
+def _sample(weight: torch.Tensor) -> torch.Tensor:
+    """64 of the weight's values, spread over it: kept transforms outlive a loop, and a change made through `.data`
+    (`w.data += d`, which PyTorch's version counter does not see) must still be noticed. A change that leaves all 64
+    alike is not: change weights in place under torch.no_grad() (as fuse_lora does), or give them new tensors."""
+    flat = weight.reshape(-1)
+    return flat[::max(1, flat.numel() // 64)].clone()
 
 
 def available() -> bool:

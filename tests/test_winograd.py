@@ -40,7 +40,8 @@ def test_winograd_is_conv2d(shape, bias):
 
 def test_winograd_runs_in_the_loop_kept_across_loops_until_the_weight_changes(monkeypatch):
     """Inside a keep_transforms block a 3x3 convolution of 8x8 < positions <= 16x16 runs Winograd; its transformed
-    weight is made once and kept across blocks, made again after an in-place change, and not made outside a block,
+    weight is made once and kept across blocks, made again after an in-place change (also one made through `.data`,
+    which the version counter misses), and not made outside a block,
     at other sizes, or past WINOGRAD_BYTES (the others run as before). Every result is F.conv2d's within rounding."""
     monkeypatch.setattr(fk, "_avx512", lambda: True)  # (chosen on AVX-512 CPUs only; the kernel runs on any)
     made, ran = [], []
@@ -72,6 +73,10 @@ def test_winograd_runs_in_the_loop_kept_across_loops_until_the_weight_changes(mo
         with fk.fast_kernels(keep_transforms=True):
             check(images[10, 12], w, "after an in-place change")
         assert [id(t) for t in made] == [id(w), id(w)]
+        w.data += 1  # through .data: the version counter does not see it, the kept sample of its values does
+        with fk.fast_kernels(keep_transforms=True):
+            check(images[16, 16], w, "after a change through .data")
+        assert [id(t) for t in made] == [id(w)] * 3
         for fast, x, weight, what in results:
             assert_near(fast, F.conv2d(x, weight, b, padding=1), 1e-5, what, relative=True)
     made.clear()

@@ -135,21 +135,24 @@ def fuse(layer: nn.Module, names: list[str], call_scale: float = 1.0) -> None:
             if adapters.original is None:
                 adapters.original = layer.weight.detach().to("cpu", copy=True)
             scale = adapters[name].scaling(call_scale)
-            layer.weight.data += adapters[name].delta_weight(scale).to(layer.weight.dtype)
+            with torch.no_grad():  # in place on the parameter itself: its version changes, which kept transforms see
+                layer.weight += adapters[name].delta_weight(scale).to(layer.weight.dtype)
             if adapters[name].up_bias is not None:  # peft: bias += B's bias × scale
                 if adapters.original_bias is None:
                     adapters.original_bias = layer.bias.detach().to("cpu", copy=True)
-                layer.bias.data += adapters[name].up_bias.detach() * scale
+                with torch.no_grad():
+                    layer.bias += adapters[name].up_bias.detach() * scale
             adapters.fused[name] = scale
 
 
 def unfuse(layer: nn.Module) -> None:
     """Undo `fuse`: W is the original again, exactly (the copy taken before fusing)."""
     adapters: Adapters = layer.lora
-    if adapters.original is not None:
-        layer.weight.data.copy_(adapters.original)
-    if adapters.original_bias is not None:
-        layer.bias.data.copy_(adapters.original_bias)
+    with torch.no_grad():
+        if adapters.original is not None:
+            layer.weight.copy_(adapters.original)
+        if adapters.original_bias is not None:
+            layer.bias.copy_(adapters.original_bias)
     adapters.fused.clear()
     adapters.original = adapters.original_bias = None
 
