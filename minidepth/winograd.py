@@ -14,11 +14,12 @@ Summed over the input channels, each of the 16 tile positions is one matrix prod
 (output, input) channel pair, (16, O, C), and V = B^T d B for every tile, (16, tiles, C), M[k] = U[k] @ V[k]^T. That
 is 16 multiply-adds per 2x2 outputs and channel pair instead of 36: 2.25x fewer. The transforms B^T . B and A^T . A
 are additions only. The rounding differs from the direct sum (G has halves, and the tile sums cancel): on the UNet's
-sizes ~1e-5 of the output's scale, like NNPACK's F(6x6, 3x3), against ~1e-6 for the direct convolution.
+sizes ~1e-6 of the output's scale (against a float64 convolution: 7e-7-1.6e-6 for 640-2560 channels), between the
+direct convolution's ~4e-7 and NNPACK's F(6x6, 3x3), ~1e-5.
 
 U is 16/9 the size of the kernel, so it pays where a weight is used on many steps: the denoising loop keeps it
-(`fast_kernels.py`). At 16x16 positions (batch 2, measured on a 2-core AMD EPYC): 640 channels 19.4 -> 13.7 ms,
-1280 channels 65.7 -> 38.1 ms, 2560 -> 1280 channels 129 -> 72 ms against oneDNN's direct convolution.
+(`fast_kernels.py`). At 16x16 positions (batch 2, measured on a 2-core AMD EPYC): 640 channels 17.3 -> 11.0 ms,
+1280 channels 62.8 -> 35.8 ms, 2560 -> 1280 channels 129 -> 71 ms against oneDNN's direct convolution.
 """
 
 from __future__ import annotations
