@@ -48,16 +48,11 @@ about those defaults cost time (measured on a 2-core AMD EPYC, fp32, official SD
    faults in and zeroes (`cpu_memory.py`). A keep_transforms block keeps freed memory in the process for the next
    step's tensors of the same sizes: 7.7 -> 7.0 s per UNet call at 512x512 (at 256x256 they already fit glibc's
    reused blocks), with the loop's peak still below the VAE decoder's.
-9. At the UNet's 16x16 latents (more than 8x8 and up to 16x16 positions) a 3x3 convolution in a keep_transforms block
-   runs Winograd's F(2x2, 3x3) (`winograd.py`): 2.25x fewer multiplications, as 16 matrix products on transformed
-   weights 16/9 the kernel's size (640 channels 17.3 -> 11.0 ms, 1280 channels 62.8 -> 35.8 ms, batch 2). Those
-   are made once per weight and kept with it across blocks, up to WINOGRAD_BYTES, so a second image pays nothing;
-   the kernel's own pages of the memory-mapped checkpoint are then given back (`cpu_memory.release_file_pages`),
-   so each kept transform costs 7/16 of its size in resident memory: 425 MB kept for 239 MB given back at 256x256
-   (the 640-channel level), 1300 for 731 MB at 512x512 (the 1280-channel one). Below 16x16 positions the kernels'
-   sizes outweigh the arithmetic saved (1.36 GB more for ~90 ms per call at 256x256); from 32x32 on, NNPACK's
-   F(6x6, 3x3) is as fast and keeps nothing. With AVX2 (oneDNN limited to it on the same CPU) oneDNN's own 16x16
-   convolution is as fast as Winograd (640 channels 12.1 against 12.0 ms, 1280 41.8 against 42.0): AVX-512 only.
+9. On AVX-512 CPUs, a 3x3 convolution of more than 8x8 and up to 16x16 positions in a keep_transforms block runs
+   Winograd's F(2x2, 3x3) (`winograd.py`: 640 channels 17.3 -> 11.0 ms, batch 2) on transformed weights kept with
+   their weights across blocks, up to WINOGRAD_BYTES; the kernels' own file pages are given back (425 MB kept for
+   239 MB at 256x256, 1300 for 731 MB at 512x512). Not below (1.36 GB more for ~90 ms at 256x256), not from 32x32
+   (NNPACK is as fast), not with AVX2 (oneDNN's own convolution is as fast there: 12.1 against 12.0 ms).
 
 `fast_kernels()` is a context manager that routes `F.linear` and `F.conv2d` calls made inside it (by any module) to
 those kernels (and notes which tensors are nearest 2x upsamplings, for point 3), when they are CPU float32 inference calls (no autograd graph being recorded); every other call, and
@@ -79,7 +74,7 @@ from torch.overrides import TorchFunctionMode
 
 from .cpu_memory import give_back_free_memory, release_file_pages, reusing_freed_memory
 from .nnpack import conv3x3_nnpack, nnpack_available, nnpack_thread
-from .winograd import conv3x3_winograd, winograd_weights
+from .winograd import KeptWeights, conv3x3_winograd
 
 LOW_RES_POSITIONS = 8 * 8  # up to this many output positions per image: convolution as one matrix product (point 2)
 HIGH_RES_POSITIONS = 128 * 128  # from this many positions on: channels-last convolution (point 5)
@@ -110,8 +105,7 @@ class _Store(dict):
         self.lasting = []
 
 
-_winograd_kept = torch.utils.weak.WeakIdKeyDictionary()  # weight -> ((state, sample), U): point 9, across blocks
-_winograd_lock = threading.Lock()
+winograd_kept = KeptWeights()  # the Winograd transforms, across blocks (point 9)
 
 
 def _state(t: torch.Tensor) -> tuple:
@@ -139,30 +133,15 @@ def _transformed(kind, weight: torch.Tensor, make, budget: int | None = None):
 
 
 def _kept_winograd_weights(weight: torch.Tensor) -> torch.Tensor | None:
-    """winograd_weights(weight), kept with the weight while it lives (point 9) and made again when it changed in
-    place; None outside a keep_transforms block, or when a new one would take the kept ones past WINOGRAD_BYTES."""
+    """winograd_weights(weight), kept with the weight while it lives (point 9, `winograd.KeptWeights`); None outside a
+    keep_transforms block, or past WINOGRAD_BYTES. The block gives back the kernels' file pages of those it made."""
     stores = getattr(_blocks, "kept", None)
     if not stores:
         return None
-    state = (_state(weight), _sample(weight))
-    with _winograd_lock:  # (one pipeline's loops may run on several threads, a web page's)
-        entry = _winograd_kept.get(weight)
-        if entry is not None and entry[0][0] == state[0] and torch.equal(entry[0][1], state[1]):
-            return entry[1]
-        kept = sum(U.nbytes for _, U in _winograd_kept.values()) - (entry[1].nbytes if entry else 0)
-        if kept + weight.nbytes * 16 // 9 > WINOGRAD_BYTES:
-            return None
-        _winograd_kept[weight] = entry = (state, winograd_weights(weight))
-    stores[-1].lasting.append(weight)
-    return entry[1]
-
-
-def _sample(weight: torch.Tensor) -> torch.Tensor:
-    """64 of the weight's values, spread over it: kept transforms outlive a loop, and a change made through `.data`
-    (`w.data += d`, which PyTorch's version counter does not see) must still be noticed. A change that leaves all 64
-    alike is not: change weights in place under torch.no_grad() (as fuse_lora does), or give them new tensors."""
-    flat = weight.reshape(-1)
-    return flat[::max(1, flat.numel() // 64)].clone()
+    U, made = winograd_kept.get(weight, _state(weight), WINOGRAD_BYTES)
+    if made:
+        stores[-1].lasting.append(weight)
+    return U
 
 
 def available() -> bool:

@@ -19,12 +19,21 @@ direct convolution's ~4e-7 and NNPACK's F(6x6, 3x3), ~1e-5.
 
 U is 16/9 the size of the kernel, so it pays where a weight is used on many steps: the denoising loop keeps it
 (`fast_kernels.py`). At 16x16 positions (batch 2, measured on a 2-core AMD EPYC): 640 channels 17.3 -> 11.0 ms,
-1280 channels 62.8 -> 35.8 ms, 2560 -> 1280 channels 129 -> 71 ms against oneDNN's direct convolution.
+1280 channels 62.8 -> 35.8 ms, 2560 -> 1280 channels 129 -> 71 ms against oneDNN's direct convolution. Kept for good,
+with the kernel's own pages of the memory-mapped checkpoint given back (`cpu_memory.release_file_pages`), each costs
+7/16 of its size in resident memory: 425 MB kept for 239 MB given back at 256x256 (the 640-channel level), 1300 for
+731 MB at 512x512 (the 1280-channel one). Where it is not used, measured: below 16x16 positions the kernels' sizes
+outweigh the arithmetic saved (the 8x8 level at 256x256: 1.36 GB more for ~90 ms per call); from 32x32 on NNPACK's
+F(6x6, 3x3) is as fast (640 channels: 44.0 against 42.9 ms) and keeps nothing; with AVX2 (oneDNN limited to it on the
+same CPU) oneDNN's own 16x16 convolution is as fast (640 channels 12.1 against 12.0 ms, 1280: 41.8 against 42.0).
 """
 
 from __future__ import annotations
 
+import threading
+
 import torch
+import torch.utils.weak
 
 # G of eq. 8 as one (16, 9) matrix on the flattened 3x3 kernel: U = G g G^T  <=>  vec(U) = (G kron G) vec(g)
 _G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
@@ -76,3 +85,34 @@ def conv3x3_winograd(x: torch.Tensor, U: torch.Tensor, bias: torch.Tensor | None
     V = _input_tiles(x)  # (16, P, C)
     y = _output_blocks([matmul(U[k], V[k]) for k in range(16)], N, H, W)  # 16 products (O, P)
     return y if bias is None else y.add_(bias.view(-1, 1, 1))
+
+
+class KeptWeights:
+    """winograd_weights(w) kept with each weight w while it lives, across denoising loops, up to a byte budget; made
+    again when w changed: its version or storage (`state`), or one of 64 of its values sampled across it, since a
+    change made through `.data` (`w.data += d`) passes PyTorch's version counter by. A change that leaves all 64 alike
+    is not seen: change weights in place under torch.no_grad() (as fuse_lora does), or give them new tensors."""
+
+    def __init__(self):
+        self.entries = torch.utils.weak.WeakIdKeyDictionary()  # weight -> ((state, sample), U)
+        self.lock = threading.Lock()  # (one pipeline's loops may run on several threads: a web page's)
+
+    def get(self, weight: torch.Tensor, state, budget: int) -> tuple[torch.Tensor | None, bool]:
+        """(U, whether it was made now); (None, False) when a new U would take the kept ones past `budget` bytes."""
+        flat = weight.reshape(-1)
+        key = (state, flat[::max(1, flat.numel() // 64)].clone())
+        with self.lock:
+            entry = self.entries.get(weight)
+            if entry is not None and entry[0][0] == key[0] and torch.equal(entry[0][1], key[1]):
+                return entry[1], False
+            kept = sum(U.nbytes for _, U in self.entries.values()) - (entry[1].nbytes if entry else 0)
+            if kept + weight.nbytes * 16 // 9 > budget:
+                return None, False
+            self.entries[weight] = entry = (key, winograd_weights(weight))
+        return entry[1], True
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __iter__(self):
+        return iter(list(self.entries.keys()))

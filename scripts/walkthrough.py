@@ -590,7 +590,7 @@ def kernel_layer(tally: KernelTally) -> dict:
             "prepack_line": find(kernels, "PREPACK_BYTES = ", whole=True),
             "winograd_mb": kernels.WINOGRAD_BYTES >> 20,
             "winograd_bytes_line": find(kernels, "WINOGRAD_BYTES = ", whole=True),
-            "winograd_kept": find(kernels, "_winograd_kept = ", whole=True),
+            "winograd_kept": find(kernels, "winograd_kept = ", whole=True),
             "constant": find(kernels._FastKernels.__torch_function__, "return constant_product(*args, **kwargs)"),
             "reuse": find(kernels._FastKernels.__enter__, "self.held.enter_context(reusing_freed_memory())"),
             "reuse_def": define(cpu_memory.reusing_freed_memory),

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from test_fast_kernels import assert_near
 
-from minidepth import cpu_memory
+from minidepth import cpu_memory, winograd
 from minidepth import fast_kernels as fk
 from minidepth.checkpoints.loader import TensorFile
 from minidepth.winograd import conv3x3_winograd, winograd_weights
@@ -45,7 +45,7 @@ def test_winograd_runs_in_the_loop_kept_across_loops_until_the_weight_changes(mo
     at other sizes, or past WINOGRAD_BYTES (the others run as before). Every result is F.conv2d's within rounding."""
     monkeypatch.setattr(fk, "_avx512", lambda: True)  # (chosen on AVX-512 CPUs only; the kernel runs on any)
     made, ran = [], []
-    monkeypatch.setattr(fk, "winograd_weights", lambda w: made.append(w) or winograd_weights(w))
+    monkeypatch.setattr(winograd, "winograd_weights", lambda w: made.append(w) or winograd_weights(w))
     monkeypatch.setattr(fk, "conv3x3_winograd",
                         lambda x, *args: ran.append(tuple(x.shape[-2:])) or conv3x3_winograd(x, *args))
     g = torch.Generator().manual_seed(12)
@@ -81,7 +81,7 @@ def test_winograd_runs_in_the_loop_kept_across_loops_until_the_weight_changes(mo
             assert_near(fast, F.conv2d(x, weight, b, padding=1), 1e-5, what, relative=True)
     made.clear()
     del w
-    assert len(fk._winograd_kept) == 0  # kept with the weight, gone with it
+    assert len(fk.winograd_kept) == 0  # kept with the weight, gone with it
 
 
 def _resident(path) -> int:
@@ -139,4 +139,4 @@ def test_the_text_encoder_gives_its_pages_back_after_the_prompt_and_the_next_ima
             images.append(pipe(generator=torch.Generator().manual_seed(0), **call).images)
             assert _resident(weights) < 64 << 10, f"{_resident(weights)} bytes of the text encoder still resident"
         assert_near(images[1], images[0], 0.0, f"a second image, exact={exact}")
-    assert any(weight is pipe.unet.down_blocks[0].resnets[0].conv1.weight for weight in fk._winograd_kept)
+    assert any(weight is pipe.unet.down_blocks[0].resnets[0].conv1.weight for weight in fk.winograd_kept)
